@@ -1,0 +1,94 @@
+"""The default configuration: every option with the paper's CIFAR-10 value.
+
+`configs/<name>.py` start from `get_default_config()` and override what differs, as the
+Flax examples do. Every field can also be overridden on the command line, for example
+`--config.training.batch_size=256`.
+"""
+import ml_collections
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = 'cifar10'  # digits | cifar10 | celebahq256 | lsun_<category> | folder:/path
+  data.data_dir = ''  # tfds data_dir (or the LSUN root); '' uses tfds' default
+  data.image_size = 32
+  data.channels = 3
+  data.random_flip = True
+  data.shuffle_buffer = 50_000
+  data.eval_split = 'test'
+
+  config.model = model = ml_collections.ConfigDict()
+  model.ch = 128
+  model.ch_mult = (1, 2, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (16,)
+  model.dropout = 0.1
+  model.resamp_with_conv = True
+  model.dtype = 'float32'  # compute dtype; parameters always float32. 'bfloat16' on TPU.
+
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.beta_schedule = 'linear'
+  diffusion.beta_start = 1e-4
+  diffusion.beta_end = 0.02
+  diffusion.num_timesteps = 1000
+  diffusion.model_mean_type = 'eps'
+  diffusion.model_var_type = 'fixedlarge'
+  diffusion.loss_type = 'mse'
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # global batch, over all devices and hosts
+  training.num_train_steps = 800_000
+  training.log_every = 100
+  training.checkpoint_every = 5_000  # preemption-safe checkpoint
+  training.keep = 3  # how many recent checkpoints to keep
+  training.keep_every = 100_000  # permanent checkpoints
+  training.sample_every = 50_000  # sample grid in TensorBoard; 0 disables
+  training.num_grid_samples = 64
+  training.ema_decay = 0.9999
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 2e-4
+  optim.warmup_steps = 5_000
+  optim.grad_clip = 1.0
+  optim.beta1 = 0.9
+  optim.beta2 = 0.999
+  optim.eps = 1e-8
+
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.num_samples = 256
+  sampling.batch_size = 256  # global; larger runs go in chunks of this size
+  sampling.clip_denoised = True
+  sampling.step = -1  # checkpoint step; -1 is the latest
+  sampling.name = 'samples'
+  sampling.progressive_every = 0  # >0: also write the paper's Fig. 6 (x0 predictions every N steps)
+  sampling.interpolate_t = 0  # >0: also write the paper's Fig. 8 interpolation, encoding to step t
+  sampling.interpolate_lambdas = 9
+
+  config.eval = evaluation = ml_collections.ConfigDict()
+  evaluation.bpd_num_images = 10_000  # test images for bits/dim; the train subset uses the same count
+  evaluation.bpd_batch_size = 128
+  evaluation.num_samples = 50_000  # samples for FID/IS/KID; 0 disables
+  evaluation.inception_batch_size = 200
+  evaluation.rate_distortion_num_images = 100
+  evaluation.pt_inception_path = ''  # optional: pytorch-fid weights, for the Inception Score
+  return config
+
+
+def get_256_config() -> ml_collections.ConfigDict:
+  """The paper's 256x256 setting (CelebA-HQ, LSUN): 113,673,219 parameters."""
+  config = get_default_config()
+  config.data.image_size = 256
+  config.data.shuffle_buffer = 10_000
+  config.model.ch_mult = (1, 1, 2, 2, 4, 4)
+  config.model.dropout = 0.0
+  config.diffusion.model_var_type = 'fixedsmall'  # the authors' 256x256 models sample with it
+  config.training.batch_size = 64
+  config.optim.learning_rate = 2e-5
+  config.sampling.num_samples = 128
+  config.sampling.batch_size = 64
+  config.eval.num_samples = 10_000
+  config.eval.bpd_num_images = 0
+  return config

@@ -1,0 +1,172 @@
+"""The paper's U-Net (the authors' `diffusion_tf/models/unet.py`) in Flax.
+
+PixelCNN++-style residual blocks with GroupNorm, the sinusoidal time embedding added in every
+block, single-head self-attention at the resolutions in `attn_resolutions` and in the middle.
+Parameters are float32; `dtype` sets the compute dtype (bfloat16 on TPU). NHWC throughout.
+"""
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def default_init(scale: float = 1.0):
+  """The authors' initializer: variance scaling, fan_avg, uniform; scale 0 means 1e-10."""
+  return nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, 'fan_avg', 'uniform')
+
+
+def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int) -> jax.Array:
+  """Sinusoidal embedding [B, embedding_dim]: [sin, cos] of t * exp(-log(10000) i / (half - 1))."""
+  assert timesteps.ndim == 1
+  half_dim = embedding_dim // 2
+  freqs = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * -(math.log(10000) / (half_dim - 1)))
+  emb = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=1)
+  if embedding_dim % 2 == 1:  # zero pad
+    emb = jnp.pad(emb, [[0, 0], [0, 1]])
+  return emb
+
+
+class _Layers(nn.Module):
+  """Base with the dtype plumbing shared by every block."""
+  dtype: Any = jnp.float32
+
+  def conv(self, features, *, kernel=3, stride=1, scale=1.0, name=None):
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME',
+                   kernel_init=default_init(scale), dtype=self.dtype, name=name)
+
+  def dense(self, features, *, scale=1.0, name=None):
+    return nn.Dense(features, kernel_init=default_init(scale), dtype=self.dtype, name=name)
+
+  def norm(self, name=None):
+    return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=self.dtype, name=name)
+
+
+class ResnetBlock(_Layers):
+  out_ch: int = 0
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, temb, train: bool):
+    in_ch = x.shape[-1]
+    h = self.conv(self.out_ch, name='conv1')(nn.swish(self.norm(name='norm1')(x)))
+    h = h + self.dense(self.out_ch, name='temb_proj')(nn.swish(temb))[:, None, None, :]
+    h = nn.swish(self.norm(name='norm2')(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = self.conv(self.out_ch, scale=0.0, name='conv2')(h)
+    if in_ch != self.out_ch:
+      x = self.dense(self.out_ch, name='nin_shortcut')(x)
+    return x + h
+
+
+class AttnBlock(_Layers):
+
+  @nn.compact
+  def __call__(self, x):
+    batch, height, width, channels = x.shape
+    h = self.norm(name='norm')(x)
+    q = self.dense(channels, name='q')(h).reshape(batch, height * width, channels)
+    k = self.dense(channels, name='k')(h).reshape(batch, height * width, channels)
+    v = self.dense(channels, name='v')(h).reshape(batch, height * width, channels)
+    w = jnp.einsum('bqc,bkc->bqk', q, k) * (channels**-0.5)
+    w = nn.softmax(w.astype(jnp.float32), axis=-1).astype(self.dtype)
+    h = jnp.einsum('bqk,bkc->bqc', w, v).reshape(batch, height, width, channels)
+    h = self.dense(channels, scale=0.0, name='proj_out')(h)
+    return x + h
+
+
+class Downsample(_Layers):
+  with_conv: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    if self.with_conv:
+      return self.conv(x.shape[-1], stride=2, name='conv')(x)
+    return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+
+
+class Upsample(_Layers):
+  with_conv: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    batch, height, width, channels = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
+    x = x.reshape(batch, 2 * height, 2 * width, channels)  # nearest neighbour
+    if self.with_conv:
+      x = self.conv(channels, name='conv')(x)
+    return x
+
+
+class UNet(_Layers):
+  """The authors' `unet.model`; returns [B, H, W, out_ch] in float32."""
+  ch: int = 128
+  out_ch: int = 3
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  dropout: float = 0.0
+  resamp_with_conv: bool = True
+
+  @nn.compact
+  def __call__(self, x, t, train: bool = False):
+    batch, size, width, _ = x.shape
+    if size != width or size % 2**(len(self.ch_mult) - 1):
+      raise ValueError(f'The U-Net needs square images whose size divides by '
+                       f'{2**(len(self.ch_mult) - 1)} (ch_mult has {len(self.ch_mult)} levels); '
+                       f'got {size}x{width}.')
+    if t.shape != (batch,):
+      raise ValueError(f't must have shape [batch] = [{batch}], got {tuple(t.shape)}.')
+    block = lambda out_ch, name: ResnetBlock(out_ch=out_ch, dropout=self.dropout, dtype=self.dtype, name=name)
+    attn = lambda name: AttnBlock(dtype=self.dtype, name=name)
+
+    # Timestep embedding
+    temb = get_timestep_embedding(t, self.ch)
+    temb = self.dense(self.ch * 4, name='temb_dense0')(temb)
+    temb = self.dense(self.ch * 4, name='temb_dense1')(nn.swish(temb))
+
+    # Downsampling
+    hs = [self.conv(self.ch, name='conv_in')(x.astype(self.dtype))]
+    for i_level, mult in enumerate(self.ch_mult):
+      for i_block in range(self.num_res_blocks):
+        h = block(self.ch * mult, f'down_{i_level}_block_{i_block}')(hs[-1], temb, train)
+        if h.shape[1] in self.attn_resolutions:
+          h = attn(f'down_{i_level}_attn_{i_block}')(h)
+        hs.append(h)
+      if i_level != len(self.ch_mult) - 1:
+        hs.append(Downsample(with_conv=self.resamp_with_conv, dtype=self.dtype,
+                             name=f'down_{i_level}_downsample')(hs[-1]))
+
+    # Middle
+    h = hs[-1]
+    h = block(h.shape[-1], 'mid_block_1')(h, temb, train)
+    h = attn('mid_attn_1')(h)
+    h = block(h.shape[-1], 'mid_block_2')(h, temb, train)
+
+    # Upsampling
+    for i_level in reversed(range(len(self.ch_mult))):
+      for i_block in range(self.num_res_blocks + 1):
+        h = block(self.ch * self.ch_mult[i_level], f'up_{i_level}_block_{i_block}')(
+            jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
+        if h.shape[1] in self.attn_resolutions:
+          h = attn(f'up_{i_level}_attn_{i_block}')(h)
+      if i_level != 0:
+        h = Upsample(with_conv=self.resamp_with_conv, dtype=self.dtype, name=f'up_{i_level}_upsample')(h)
+    assert not hs
+
+    # End
+    h = nn.swish(self.norm(name='norm_out')(h))
+    h = self.conv(self.out_ch, scale=0.0, name='conv_out')(h)
+    return h.astype(jnp.float32)
+
+
+def create_model(config) -> UNet:
+  """The U-Net of a config: 2C output channels when the variance is learned."""
+  m, d = config.model, config.data
+  learned = config.diffusion.model_var_type.startswith('learned')
+  return UNet(ch=m.ch, out_ch=d.channels * (2 if learned else 1), ch_mult=tuple(m.ch_mult),
+              num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
+              dropout=m.dropout, resamp_with_conv=m.resamp_with_conv,
+              dtype=jnp.dtype(m.dtype))

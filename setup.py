@@ -1,0 +1,36 @@
+"""ddpm_jax: Denoising Diffusion Probabilistic Models (Ho et al., 2020) in JAX/Flax."""
+import setuptools
+
+# Ranges verified together on Python 3.11 (CPU); see README.md.
+INSTALL_REQUIRES = [
+    'jax>=0.10.2,<0.11',
+    'flax>=0.12.8,<0.13',
+    'optax>=0.2.8,<0.3',
+    'orbax-checkpoint>=0.12.8,<0.13',
+    'clu>=0.0.12,<0.1',
+    'ml-collections>=1.1,<2',
+    'absl-py>=2.1',
+    'numpy>=2.0,<3',
+    'tensorflow-cpu>=2.21,<2.22',  # tf.data only; JAX does the compute
+    'tensorflow-datasets>=4.9.10,<5',
+    'scikit-learn>=1.5',  # the embedded digits dataset
+    'pillow>=10',
+    'matplotlib>=3.8',
+]
+
+setuptools.setup(
+    name='ddpm_jax',
+    version='0.1.0',
+    description='Denoising Diffusion Probabilistic Models in JAX/Flax, TPU-native.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=setuptools.find_packages(include=['ddpm_jax', 'ddpm_jax.*']),
+    python_requires='>=3.10',
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.10',
+                 'ipykernel>=6.29'],
+        'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+        'cuda': ['jax[cuda12]>=0.10.2,<0.11'],
+    },
+)
