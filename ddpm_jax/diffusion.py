@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax.errors import UserError
+
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 BETA_SCHEDULES = ('linear', 'quad', 'const', 'jsd', 'warmup10', 'warmup50', 'cosine')
@@ -24,7 +26,7 @@ LOSS_TYPES = ('mse', 'kl')
 
 def _check_choice(kind: str, value: str, valid) -> None:
   if value not in valid:
-    raise ValueError(f'Unknown {kind} {value!r}; choose one of {", ".join(valid)}.')
+    raise UserError(f'Unknown {kind} {value!r}; choose one of {", ".join(valid)}.')
 
 
 def _warmup_beta(beta_start, beta_end, num_timesteps, warmup_frac):
@@ -46,7 +48,7 @@ def get_beta_schedule(name: str, *, beta_start: float, beta_end: float,
   """The authors' schedules (plus 'cosine', which ignores beta_start/beta_end), in float64."""
   _check_choice('beta schedule', name, BETA_SCHEDULES)
   if num_timesteps < 1:
-    raise ValueError(f'num_timesteps must be at least 1, got {num_timesteps}.')
+    raise UserError(f'num_timesteps must be at least 1, got {num_timesteps}.')
   if name == 'quad':
     betas = np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64)**2
   elif name == 'linear':
@@ -106,7 +108,7 @@ class GaussianDiffusion:
     _check_choice('model_var_type', model_var_type, MODEL_VAR_TYPES)
     _check_choice('loss_type', loss_type, LOSS_TYPES)
     if loss_type == 'mse' and model_var_type.startswith('learned'):
-      raise ValueError("loss_type='mse' trains only the mean; with a learned variance use "
+      raise UserError("loss_type='mse' trains only the mean; with a learned variance use "
                        "loss_type='kl' (the variational bound), as the authors' code requires.")
     self.model_mean_type = model_mean_type
     self.model_var_type = model_var_type
@@ -114,7 +116,7 @@ class GaussianDiffusion:
 
     betas = np.asarray(betas, dtype=np.float64)  # computations here in float64 for accuracy
     if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
-      raise ValueError('betas must be a 1-D array with every entry in (0, 1].')
+      raise UserError('betas must be a 1-D array with every entry in (0, 1].')
     self.betas = betas
     self.num_timesteps = int(betas.shape[0])
 
@@ -144,7 +146,7 @@ class GaussianDiffusion:
   def _extract(table: np.ndarray, t: jax.Array, x_shape) -> jax.Array:
     """table[t] as float32, reshaped to [B, 1, 1, ...] to broadcast against x."""
     if t.shape != (x_shape[0],):
-      raise ValueError(f't must have shape [batch] = [{x_shape[0]}], got {tuple(t.shape)}.')
+      raise UserError(f't must have shape [batch] = [{x_shape[0]}], got {tuple(t.shape)}.')
     out = jnp.asarray(table, dtype=jnp.float32)[t]
     return out.reshape((x_shape[0],) + (1,) * (len(x_shape) - 1))
 
@@ -179,7 +181,7 @@ class GaussianDiffusion:
     learned = self.model_var_type.startswith('learned')
     expected = x.shape[:-1] + ((2 * channels,) if learned else (channels,))
     if model_output.shape != expected:
-      raise ValueError(
+      raise UserError(
           f'The model output has shape {tuple(model_output.shape)}, but '
           f'model_var_type={self.model_var_type!r} needs {tuple(expected)} '
           f'({"2 x " if learned else ""}{channels} channels for {channels}-channel images).')

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.errors import UserError
+
 
 def default_init(scale: float = 1.0):
   """The authors' initializer: variance scaling, fan_avg, uniform; scale 0 means 1e-10."""
@@ -114,11 +116,11 @@ class UNet(_Layers):
   def __call__(self, x, t, train: bool = False):
     batch, size, width, _ = x.shape
     if size != width or size % 2**(len(self.ch_mult) - 1):
-      raise ValueError(f'The U-Net needs square images whose size divides by '
+      raise UserError(f'The U-Net needs square images whose size divides by '
                        f'{2**(len(self.ch_mult) - 1)} (ch_mult has {len(self.ch_mult)} levels); '
                        f'got {size}x{width}.')
     if t.shape != (batch,):
-      raise ValueError(f't must have shape [batch] = [{batch}], got {tuple(t.shape)}.')
+      raise UserError(f't must have shape [batch] = [{batch}], got {tuple(t.shape)}.')
     block = lambda out_ch, name: ResnetBlock(out_ch=out_ch, dropout=self.dropout, dtype=self.dtype, name=name)
     attn = lambda name: AttnBlock(dtype=self.dtype, name=name)
 
