@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     'numpy>=2.0,<3',
     'tensorflow-cpu>=2.21,<2.22',  # tf.data only; JAX does the compute
     'tensorflow-datasets>=4.9.10,<5',
+    'importlib_resources>=6',  # tfds needs it to download and prepare datasets
     'scikit-learn>=1.5',  # the embedded digits dataset
     'pillow>=10',
     'matplotlib>=3.8',

@@ -14,4 +14,5 @@ def get_config():
   config = default_config.get_256_config()
   config.data.dataset = 'celebahq256'
   config.training.num_train_steps = 500_000
+  config.data.eval_split = 'train'  # the tfds dataset has no test split
   return config

@@ -16,7 +16,7 @@ def get_config():
   config.data.random_flip = False  # digits are not mirror-symmetric
   config.data.shuffle_buffer = 2_000
 
-  config.model.ch = 64
+  config.model.ch = 32
   config.model.ch_mult = (1, 2)
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (4,)
@@ -39,5 +39,4 @@ def get_config():
   config.eval.bpd_num_images = 200
   config.eval.bpd_batch_size = 200
   config.eval.num_samples = 0  # FID needs 3-channel images; digits uses a digit classifier instead
-  config.eval.rate_distortion_num_images = 100
   return config

@@ -14,4 +14,5 @@ def get_config():
   config = default_config.get_256_config()
   config.data.dataset = 'lsun_bedroom'
   config.training.num_train_steps = 2_400_000
+  config.data.eval_split = 'validation'  # 300 validation images; no test split
   return config

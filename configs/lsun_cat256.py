@@ -15,4 +15,5 @@ def get_config():
   config.data.dataset = 'lsun_cat'
   config.training.num_train_steps = 1_800_000
   config.data.random_flip = False  # the authors' command trains LSUN cat with --randflip 0
+  config.data.eval_split = 'train'  # the tfds dataset has no test split
   return config

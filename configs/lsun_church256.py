@@ -14,4 +14,5 @@ def get_config():
   config = default_config.get_256_config()
   config.data.dataset = 'lsun_church'
   config.training.num_train_steps = 1_200_000
+  config.data.eval_split = 'validation'  # 300 validation images; no test split
   return config
