@@ -68,11 +68,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   sampling.interpolate_lambdas = 9
 
   config.eval = evaluation = ml_collections.ConfigDict()
-  evaluation.bpd_num_images = 10_000  # test images for bits/dim; the train subset uses the same count
+  evaluation.bpd_num_images = 10_000  # test images for bits/dim (and rate-distortion); the
+  # train subset uses the same count; 0 disables
   evaluation.bpd_batch_size = 128
   evaluation.num_samples = 50_000  # samples for FID/IS/KID; 0 disables
   evaluation.inception_batch_size = 200
-  evaluation.rate_distortion_num_images = 100
   evaluation.pt_inception_path = ''  # optional: pytorch-fid weights, for the Inception Score
   return config
 
@@ -90,5 +90,6 @@ def get_256_config() -> ml_collections.ConfigDict:
   config.sampling.num_samples = 128
   config.sampling.batch_size = 64
   config.eval.num_samples = 10_000
-  config.eval.bpd_num_images = 0
+  config.eval.bpd_num_images = 256
+  config.eval.bpd_batch_size = 64
   return config

@@ -2,6 +2,8 @@
 import os
 import sys
 
+import pytest
+
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -13,3 +15,33 @@ if ROOT not in sys.path:
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: end-to-end tests (run in CI too)')
+
+
+def tiny_digits_config(num_timesteps: int = 40, num_train_steps: int = 30):
+  """configs/digits.py with a tiny U-Net and a short chain: seconds on 2 CPU cores."""
+  from configs import digits
+  config = digits.get_config()
+  config.model.ch = 32
+  config.model.ch_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.diffusion.num_timesteps = num_timesteps
+  config.training.batch_size = 16
+  config.training.num_train_steps = num_train_steps
+  config.training.log_every = 10
+  config.training.checkpoint_every = num_train_steps
+  config.optim.warmup_steps = 5
+  config.sampling.num_samples = 10
+  config.sampling.batch_size = 4
+  config.eval.bpd_num_images = 16
+  config.eval.bpd_batch_size = 8
+  return config
+
+
+@pytest.fixture(scope='session')
+def trained_digits(tmp_path_factory):
+  """(config, workdir) of a tiny digits model trained for a few steps, shared by the tests."""
+  from ddpm_jax import train
+  config = tiny_digits_config()
+  workdir = tmp_path_factory.mktemp('digits')
+  train.train_and_evaluate(config, str(workdir))
+  return config, str(workdir)

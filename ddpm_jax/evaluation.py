@@ -1,0 +1,267 @@
+"""--mode=eval: the paper's numbers for a checkpoint's EMA weights.
+
+* bits/dim (Table 1, 2): the full variational bound, `calc_bpd_loop` (T network evaluations per
+  image), on the test set and a train subset, sharded over devices, resumable batch by batch;
+* rate-distortion and progressive lossy compression (Table 4, Fig. 5) from the same test pass;
+* FID against the train and test sets, IS and KID (Table 1, 3) for RGB datasets, on
+  `eval.num_samples` samples from the resumable sampler;
+* for the embedded digits: a digit classifier's view of the samples (confidence against held-out
+  real digits, class shares, distance to the nearest training image).
+
+Results go to WORKDIR/eval/<step>.json and WORKDIR/eval/rate_distortion_<step>.{json,png}.
+"""
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+
+from ddpm_jax import images, input_pipeline, parallel, sampling
+from ddpm_jax.errors import UserError
+
+
+def _write_json(path: epath.Path, data: dict) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / (path.name + '.tmp')
+  tmp.write_text(json.dumps(data, indent=1))
+  tmp.rename(path)
+
+
+def _read_json(path: epath.Path):
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+# === Bits/dim ===
+
+def _bpd_fn(inference: sampling.Inference):
+  """Jitted (params, images, mask, rng) -> masked sums over the batch of the bound's parts."""
+  @jax.jit
+  def fn(params, x, mask, rng):
+    out = inference.diffusion.calc_bpd_loop(inference.model_fn(params), x, rng,
+                                            clip_denoised=True)
+    w = mask.astype(jnp.float32)
+    return dict(count=w.sum(), total_bpd=w @ out['total_bpd'], prior_bpd=w @ out['prior_bpd'],
+                terms_bpd=w @ out['terms_bpd'], mse=w @ out['mse'])
+  return fn
+
+
+def bits_per_dim(inference: sampling.Inference, split: str, num_images: int, *,
+                 batch_size: int, progress_path: epath.Path) -> dict:
+  """Means over `num_images` images of `split`: total, prior, per-t terms, per-t x0 MSE.
+
+  Progress is saved after every batch to `progress_path`, so a rerun continues there.
+  """
+  parallel.check_divisible(batch_size, inference.mesh, 'eval.bpd_batch_size')
+  num_images = min(num_images, input_pipeline.num_examples(inference.config, split))
+  num_batches = -(-num_images // batch_size)
+  sums = _read_json(progress_path) or {'batches_done': 0}
+  fn = _bpd_fn(inference)
+  rng = jax.random.fold_in(jax.random.PRNGKey(inference.config.seed), 7)
+  batches = input_pipeline.create_eval_iterator(inference.config, split, batch_size=batch_size,
+                                                num_images=num_images)
+  resumed_at, start = sums['batches_done'], time.time()
+  for i, batch in enumerate(batches):
+    if i < sums['batches_done']:
+      continue
+    batch = parallel.global_batch(inference.mesh, batch)
+    out = jax.tree.map(lambda v: parallel.to_host(v).tolist(),
+                       fn(inference.params, batch['image'], batch['mask'],
+                          jax.random.fold_in(rng, i)))
+    for k, v in out.items():
+      sums[k] = (np.asarray(sums[k]) + np.asarray(v)).tolist() if k in sums else v
+    sums['batches_done'] = i + 1
+    if jax.process_index() == 0:
+      _write_json(progress_path, sums)
+    seconds_per_batch = (time.time() - start) / (i + 1 - resumed_at)
+    logging.info('bits/dim on %s: batch %d/%d, %.3f bits/dim so far, ETA %.0f s.', split, i + 1,
+                 num_batches, sums['total_bpd'] / sums['count'],
+                 seconds_per_batch * (num_batches - i - 1))
+  count = sums['count']
+  return {k: np.asarray(sums[k]) / count for k in ('total_bpd', 'prior_bpd', 'terms_bpd', 'mse')}
+
+
+def rate_distortion(bpd: dict) -> dict:
+  """Table 4 / Fig. 5 from the mean bound terms and x0 errors of a test pass.
+
+  At step t (0-indexed: the receiver holds the latent q_sample(x0, t)), the rate is what was
+  sent so far, the prior plus the KL terms T-1 .. t+1, and the distortion is the RMSE of the
+  model's x0 prediction from that latent on the [0, 255] scale.
+  """
+  terms = np.asarray(bpd['terms_bpd'])
+  sent_after = np.concatenate([np.cumsum(terms[::-1])[::-1][1:], [0.]])  # sum of terms[t+1:]
+  rate = float(bpd['prior_bpd']) + sent_after
+  distortion = np.sqrt(np.asarray(bpd['mse'])) * 127.5
+  return {'t': list(range(len(terms))), 'rate_bpd': rate.tolist(),
+          'distortion_rmse': distortion.tolist(), 'total_bpd': float(bpd['total_bpd'])}
+
+
+def plot_rate_distortion(rd: dict, path: epath.Path) -> str:
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  axes[0].plot(rd['rate_bpd'], rd['distortion_rmse'])
+  axes[0].set(xlabel='rate (bits/dim)', ylabel='distortion (RMSE, [0, 255])',
+              title='Rate-distortion')
+  axes[1].plot(rd['t'], rd['rate_bpd'])
+  axes[1].set(xlabel='reverse process step t', ylabel='rate (bits/dim)', title='Rate')
+  axes[2].plot(rd['t'], rd['distortion_rmse'])
+  axes[2].set(xlabel='reverse process step t', ylabel='distortion (RMSE)', title='Distortion')
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    fig.savefig(f, format='png', dpi=100)
+  plt.close(fig)
+  return str(path)
+
+
+# === Sample quality ===
+
+def _real_images(config, split: str, num_images=None) -> np.ndarray:
+  """uint8 [N, H, W, C] images of a split, all processes' shards gathered."""
+  mesh = parallel.make_mesh()
+  batch_size = 250 * mesh.size
+  out = []
+  for batch in input_pipeline.create_eval_iterator(config, split, batch_size=batch_size,
+                                                   num_images=num_images):
+    batch = parallel.global_batch(mesh, batch)
+    keep = parallel.to_host(batch['mask'])
+    out.append(images.to_uint8(parallel.to_host(batch['image']))[keep])
+  return np.concatenate(out)
+
+
+def _cache_dir() -> epath.Path:
+  return epath.Path(os.environ.get('DDPM_JAX_CACHE', '~/.cache/ddpm_jax')).expanduser()
+
+
+def _reference_statistics(config, split: str, inception_params, batch_size: int):
+  """(mu, sigma) of the Inception pool3 features of a split, computed once and cached."""
+  from ddpm_jax import fid
+  d = config.data
+  name = f'{d.dataset}_{split}_{d.image_size}.npz'.replace('/', '_').replace(':', '_')
+  path = _cache_dir() / 'fid_stats' / name
+  if path.exists():
+    try:
+      with path.open('rb') as f:
+        stats = np.load(f)
+        return stats['mu'], stats['sigma']
+    except (OSError, ValueError, KeyError) as e:
+      logging.warning('Rebuilding the damaged reference statistics %s (%s).', path, e)
+  features = fid.inception_pool3(_real_images(config, split), batch_size=batch_size,
+                                 params=inception_params)
+  mu, sigma = fid.feature_statistics(features)
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open('wb') as f:
+      np.savez(f, mu=mu, sigma=sigma)
+  return mu, sigma
+
+
+def fid_metrics(config, samples: np.ndarray) -> dict:
+  """FID against the train and test sets, KID against train, IS when the logits exist."""
+  from ddpm_jax import fid
+  if config.data.channels != 3:
+    raise UserError(f'FID needs RGB images, but {config.data.dataset} has '
+                    f'{config.data.channels} channel(s); set --config.eval.num_samples=0.')
+  params, has_logits = fid.load_inception_params(config.eval.pt_inception_path)
+  batch_size = config.eval.inception_batch_size
+  feats = fid.inception_features(samples, batch_size=batch_size, params=params)
+  mu, sigma = fid.feature_statistics(feats['pool3'])
+  out = {'num_samples': int(len(samples))}
+  for split in ('train', 'test'):
+    ref_mu, ref_sigma = _reference_statistics(config, split, params, batch_size)
+    out[f'fid_{split}'] = float(fid.frechet_distance(mu, sigma, ref_mu, ref_sigma))
+  num_kid = min(len(samples), 10_000)
+  train_feats = fid.inception_pool3(_real_images(config, 'train', num_kid),
+                                    batch_size=batch_size, params=params)
+  out['kid'], out['kid_std'] = map(float, fid.kernel_inception_distance(
+      feats['pool3'][:num_kid], train_feats))
+  if has_logits:
+    out['is'], out['is_std'] = map(float, fid.inception_score(feats['logits']))
+  else:
+    logging.warning('No Inception Score: %s.', fid.LOGITS_MISSING)
+    out['is_missing'] = fid.LOGITS_MISSING
+  return out
+
+
+def digits_metrics(config, samples: np.ndarray) -> dict:
+  """A digit classifier trained on real digits looks at the samples.
+
+  `confidence` (mean top-class probability) should be close to `real_confidence` on held-out
+  digits, `class_shares` near 0.1 each, and `nn_distance` (mean L2 distance, in [0, 1] pixels,
+  to the nearest training image) near `real_nn_distance` of held-out digits: copies of
+  training images would have 0.
+  """
+  from sklearn.neural_network import MLPClassifier
+  from sklearn.datasets import load_digits
+  train, test = _real_images(config, 'train'), _real_images(config, 'test')
+  flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.
+  digits = load_digits()
+  # Labels come from scikit-learn's own copy, matched image by image.
+  lookup = {np.round(img * 255 / 16).astype(np.uint8).tobytes(): y
+            for img, y in zip(digits.images, digits.target)}
+  labels = lambda x: np.array([lookup[im[..., 0].tobytes()] for im in x])
+  classifier = MLPClassifier(hidden_layer_sizes=(128,), max_iter=500, random_state=0)
+  classifier.fit(flat(train), labels(train))
+  real_probs = classifier.predict_proba(flat(test))
+  probs = classifier.predict_proba(flat(samples))
+  shares = np.bincount(probs.argmax(1), minlength=10) / len(samples)
+  nearest = lambda x: np.sqrt(((flat(x)[:, None] - flat(train)[None]) ** 2).mean(-1)).min(1)
+  return {
+      'num_samples': int(len(samples)),
+      'classifier_test_accuracy': float((real_probs.argmax(1) == labels(test)).mean()),
+      'confidence': float(probs.max(1).mean()),
+      'real_confidence': float(real_probs.max(1).mean()),
+      'class_shares': shares.round(4).tolist(),
+      'nn_distance': float(nearest(samples).mean()),
+      'real_nn_distance': float(nearest(test).mean()),
+      'copies': int((nearest(samples) < 1e-3).sum()),
+  }
+
+
+# === The job ===
+
+def evaluate(config, workdir, *, mesh=None) -> dict:
+  """--mode=eval: writes WORKDIR/eval/<step>.json and the rate-distortion JSON and PNG."""
+  e = config.eval
+  inference = sampling.Inference(config, workdir, step=config.sampling.step, mesh=mesh)
+  step = inference.step
+  eval_dir = epath.Path(workdir) / 'eval'
+  metrics = {'step': step}
+  out = {}
+  start = time.time()
+  if e.bpd_num_images > 0:
+    for split in ('test', 'train'):
+      bpd = bits_per_dim(inference, split, e.bpd_num_images, batch_size=e.bpd_batch_size,
+                         progress_path=eval_dir / f'{step}_bpd_{split}.progress.json')
+      metrics[f'bpd_{split}'] = float(bpd['total_bpd'])
+      metrics[f'prior_bpd_{split}'] = float(bpd['prior_bpd'])
+      metrics[f'l0_bpd_{split}'] = float(bpd['terms_bpd'][0])  # the decoder's -log p(x0|x1)
+      if split == 'test':
+        rd = rate_distortion(bpd)
+        if jax.process_index() == 0:
+          _write_json(eval_dir / f'rate_distortion_{step}.json', rd)
+          out['rate_distortion_png'] = plot_rate_distortion(
+              rd, eval_dir / f'rate_distortion_{step}.png')
+    logging.info('bits/dim: test %.4f, train %.4f.', metrics['bpd_test'], metrics['bpd_train'])
+  if config.data.dataset == 'digits':
+    npz = sampling.generate(inference, workdir, name=f'{config.sampling.name}_{step}',
+                            num_samples=config.sampling.num_samples,
+                            batch_size=config.sampling.batch_size, seed=config.seed)
+    metrics['digits'] = digits_metrics(config, sampling.read_samples(npz))
+  elif e.num_samples > 0:
+    npz = sampling.generate(inference, workdir, name=f'fid_{step}', num_samples=e.num_samples,
+                            batch_size=config.sampling.batch_size, seed=config.seed + 1)
+    metrics.update(fid_metrics(config, sampling.read_samples(npz)))
+  metrics['eval_seconds'] = time.time() - start
+  out['metrics_json'] = str(eval_dir / f'{step}.json')
+  if jax.process_index() == 0:
+    _write_json(eval_dir / f'{step}.json', metrics)
+  logging.info('Eval of step %d: %s', step, json.dumps(metrics))
+  for key, path in out.items():
+    logging.info('Wrote %s: %s', key, path)
+  return {**out, 'metrics': metrics}
