@@ -27,6 +27,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   model.attn_resolutions = (16,)
   model.dropout = 0.1
   model.resamp_with_conv = True
+  model.num_groups = 32  # GroupNorm groups (the paper's 32)
   model.dtype = 'float32'  # compute dtype; parameters always float32. 'bfloat16' on TPU.
 
   config.diffusion = diffusion = ml_collections.ConfigDict()

@@ -32,8 +32,9 @@ def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int) -> jax.Arra
 
 
 class _Layers(nn.Module):
-  """Base with the dtype plumbing shared by every block."""
+  """Base with the dtype and GroupNorm plumbing shared by every block."""
   dtype: Any = jnp.float32
+  num_groups: int = 32  # the paper's; configs/digits.py (ch=32) uses 8
 
   def conv(self, features, *, kernel=3, stride=1, scale=1.0, name=None):
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding='SAME',
@@ -43,7 +44,7 @@ class _Layers(nn.Module):
     return nn.Dense(features, kernel_init=default_init(scale), dtype=self.dtype, name=name)
 
   def norm(self, name=None):
-    return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=self.dtype, name=name)
+    return nn.GroupNorm(num_groups=self.num_groups, epsilon=1e-6, dtype=self.dtype, name=name)
 
 
 class ResnetBlock(_Layers):
@@ -121,8 +122,9 @@ class UNet(_Layers):
                        f'got {size}x{width}.')
     if t.shape != (batch,):
       raise UserError(f't must have shape [batch] = [{batch}], got {tuple(t.shape)}.')
-    block = lambda out_ch, name: ResnetBlock(out_ch=out_ch, dropout=self.dropout, dtype=self.dtype, name=name)
-    attn = lambda name: AttnBlock(dtype=self.dtype, name=name)
+    block = lambda out_ch, name: ResnetBlock(out_ch=out_ch, dropout=self.dropout, dtype=self.dtype,
+                                         num_groups=self.num_groups, name=name)
+    attn = lambda name: AttnBlock(dtype=self.dtype, num_groups=self.num_groups, name=name)
 
     # Timestep embedding
     temb = get_timestep_embedding(t, self.ch)
@@ -171,4 +173,4 @@ def create_model(config) -> UNet:
   return UNet(ch=m.ch, out_ch=d.channels * (2 if learned else 1), ch_mult=tuple(m.ch_mult),
               num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
               dropout=m.dropout, resamp_with_conv=m.resamp_with_conv,
-              dtype=jnp.dtype(m.dtype))
+              dtype=jnp.dtype(m.dtype), num_groups=m.num_groups)
