@@ -10,6 +10,7 @@ INSTALL_REQUIRES = [
     'clu>=0.0.12,<0.1',
     'ml-collections>=1.1,<2',
     'absl-py>=2.1',
+    'tensorboard>=2.21,<2.22',  # clu's metric writers
     'numpy>=2.0,<3',
     'tensorflow-cpu>=2.21,<2.22',  # tf.data only; JAX does the compute
     'tensorflow-datasets>=4.9.10,<5',

@@ -1,12 +1,17 @@
 """Shared test setup: CPU only, 8 host devices, no network."""
 import os
 import sys
+import tempfile
 
 import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Compiling takes most of the tests' time on 2 CPU cores: keep the programs on disk, for this
+# process and the subprocesses the tests start, so repeats reuse them.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'ddpm_jax_test_xla_cache'))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

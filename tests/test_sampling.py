@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from ddpm_jax import diffusion as diff, parallel, sampling
+from ddpm_jax import diffusion as diff, sampling
 from ddpm_jax.errors import UserError
 from tests.conftest import tiny_digits_config
 

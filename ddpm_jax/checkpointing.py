@@ -1,0 +1,247 @@
+"""Orbax checkpoints in `WORKDIR/checkpoints/<step>/`, preemption and damaged-checkpoint handling.
+
+A checkpoint holds the train state as a nested dict (`flax.serialization.to_state_dict` of
+`train.TrainState`): `step`, `params`, `ema_params`, `opt_state`, `rng`. Saves are asynchronous
+and atomic (Orbax writes a temporary directory and commits it), so a crash or a failed run never
+overwrites a checkpoint. A checkpoint that cannot be read is skipped for the previous one with a
+warning; training moves it to `WORKDIR/checkpoints_damaged/<step>/` so that it can be inspected
+and the run can save that step again. Workdirs may be local or any `etils.epath` path (`gs://`).
+"""
+import contextlib
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import flax.serialization
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from ddpm_jax.errors import UserError
+
+PyTree = Any
+CHECKPOINTS = 'checkpoints'
+DAMAGED_CHECKPOINTS = 'checkpoints_damaged'
+
+
+def checkpoint_dir(workdir) -> epath.Path:
+  """WORKDIR/checkpoints, absolute; a UserError for a filesystem Orbax cannot write to.
+
+  Orbax writes arrays through TensorStore, which takes absolute local paths and gs:// only.
+  """
+  text = os.fspath(workdir)
+  scheme = text.split('://')[0] if '://' in text else ''
+  if scheme not in ('', 'gs'):
+    raise UserError(f'Checkpoints cannot be written to {text}: use a local directory or '
+                    f'gs://BUCKET/PATH as --workdir.')
+  path = epath.Path(text)
+  return (path / CHECKPOINTS) if scheme else (path.resolve() / CHECKPOINTS)
+
+
+def create_manager(workdir, training_config) -> ocp.CheckpointManager:
+  """The training run's manager: the `keep` latest plus every `keep_every`-th step (0: none)."""
+  policies = [ocp.checkpoint_managers.LatestN(training_config.keep)]
+  if training_config.keep_every > 0:
+    policies.append(ocp.checkpoint_managers.EveryNSteps(training_config.keep_every))
+  options = ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=True,
+      cleanup_tmp_directories=True,  # saves that never committed (a crash mid-save)
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
+
+
+def _reader(workdir) -> ocp.CheckpointManager:
+  """A manager for reading (sampling, evaluation): arrays come back as numpy."""
+  return ocp.CheckpointManager(checkpoint_dir(workdir),
+                               options=ocp.CheckpointManagerOptions(create=False),
+                               item_handlers=ocp.PyTreeCheckpointHandler())
+
+
+def _local_copy(x):
+  """A replicated array's value from this process's first device (no collective, no compile)."""
+  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state_dict: PyTree) -> None:
+  """Starts an asynchronous save of the replicated `state_dict` as step `step`.
+
+  The arrays are copied to host memory first: Orbax then writes them once, from process 0,
+  without compiling a copy for every array shape (which costs minutes on a CPU mesh).
+  """
+  host_state_dict = jax.tree.map(_local_copy, state_dict)
+  manager.save(step, args=ocp.args.StandardSave(host_state_dict), force=True)
+
+
+def _path_name(path) -> str:
+  return '/'.join(str(getattr(key, 'key', getattr(key, 'idx', key))) for key in path)
+
+
+def _shapes_by_name(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  return {_path_name(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_shapes(step: int, stored: PyTree, expected: PyTree) -> None:
+  """UserError naming the first parameter whose shape (or presence) differs from the config's."""
+  stored_shapes, expected_shapes = _shapes_by_name(stored), _shapes_by_name(expected)
+  prefix = f'The checkpoint at step {step} was trained with a different config: '
+  for name, shape in expected_shapes.items():
+    if name not in stored_shapes:
+      raise UserError(prefix + f'{name} is in this config\'s model but not in the checkpoint.')
+    if stored_shapes[name] != shape:
+      raise UserError(prefix + f'{name} has shape {stored_shapes[name]} in the checkpoint but '
+                      f'{shape} in this config.')
+  extra = sorted(stored_shapes.keys() - expected_shapes.keys())
+  if extra:
+    raise UserError(prefix + f'{extra[0]} is in the checkpoint but not in this config\'s model.')
+
+
+def _one_line(error: Exception) -> str:
+  text = ' '.join(str(error).split())
+  return f'{type(error).__name__}: {text[:300]}'
+
+
+def _restore_step(manager, step: int, args_fn: Callable[[PyTree], ocp.args.CheckpointArgs],
+                  check: Callable[[int, PyTree], None]) -> PyTree:
+  """Reads step `step`: its metadata, `check(step, metadata)`, then `args_fn(metadata)`."""
+  metadata = manager.item_metadata(step).tree
+  check(step, metadata)
+  return manager.restore(step, args=args_fn(metadata))
+
+
+def _restore_newest_readable(manager, args_fn, check) -> tuple[int, PyTree, list]:
+  """(step, tree, [(newer step, its error)]) from the newest checkpoint that reads.
+
+  A step counts as damaged only when an older one reads: if none does, the cause is more
+  likely the storage or the code than the files, and this raises a UserError naming the error.
+  """
+  unreadable = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return step, _restore_step(manager, step, args_fn, check), unreadable
+    except UserError:
+      raise
+    except Exception as error:  # pylint: disable=broad-except  (any failure to read)
+      unreadable.append((step, error))
+  step, error = unreadable[0]
+  raise UserError(f'No checkpoint in {manager.directory} can be read (step {step}: '
+                  f'{_one_line(error)}); check that its files are intact and readable.')
+
+
+def _move_aside(workdir, step: int) -> epath.Path:
+  """Moves a damaged step out of the checkpoint directory, keeping its files; returns where."""
+  damaged_root = epath.Path(workdir) / DAMAGED_CHECKPOINTS
+  destination = damaged_root / str(step)
+  if destination.exists():
+    destination = damaged_root / f'{step}_{int(time.time())}'
+  if jax.process_index() == 0:
+    damaged_root.mkdir(parents=True, exist_ok=True)
+    (checkpoint_dir(workdir) / str(step)).rename(destination)
+  return destination
+
+
+def restore_for_training(manager: ocp.CheckpointManager, workdir,
+                         abstract_state_dict: PyTree) -> Optional[tuple[int, PyTree]]:
+  """(step, state_dict) of the newest readable checkpoint, sharded as the target; None if none.
+
+  `abstract_state_dict` holds `jax.ShapeDtypeStruct`s (with shardings). Parameter shapes that
+  differ from the target's are a UserError. Damaged newer steps are moved to
+  `WORKDIR/checkpoints_damaged/` with a warning, so that training can save those steps again.
+  """
+  if not manager.all_steps():
+    return None
+  step, state_dict, unreadable = _restore_newest_readable(
+      manager, lambda _: ocp.args.StandardRestore(abstract_state_dict),
+      lambda step, stored: _check_shapes(step, stored['params'], abstract_state_dict['params']))
+  for bad_step, error in unreadable:
+    logging.warning('The checkpoint at step %d is damaged (%s); moved it to %s and resumed from '
+                    'step %d.', bad_step, _one_line(error), _move_aside(workdir, bad_step), step)
+  if unreadable:
+    ocp.multihost.get_barrier_sync_fn()(key='ddpm_jax_moved_damaged', timeout_ms=600_000)
+    manager.reload()
+  return step, state_dict
+
+
+def _host_restore(metadata: PyTree, *, partial: bool = False) -> ocp.args.PyTreeRestore:
+  """Reads the arrays of `metadata` (a subtree if `partial`) as numpy, whatever the devices."""
+  item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  return ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=partial)
+
+
+def _restore_read_only(workdir, step: Optional[int], args_fn, check) -> tuple[int, PyTree]:
+  """(step, tree) of step `step`, or of the newest readable step if None; nothing is moved."""
+  with _reader(workdir) as manager:
+    return _restore_from(manager, workdir, step, args_fn, check)
+
+
+def _restore_from(manager, workdir, step: Optional[int], args_fn, check) -> tuple[int, PyTree]:
+  steps = manager.all_steps()
+  if not steps:
+    raise UserError(f'No checkpoint in {checkpoint_dir(workdir)}; train first with '
+                    f'--mode=train --workdir={workdir}.')
+  if step is None:
+    found, tree, unreadable = _restore_newest_readable(manager, args_fn, check)
+    for bad_step, error in unreadable:
+      logging.warning('The checkpoint at step %d in %s is damaged (%s); using step %d.',
+                      bad_step, checkpoint_dir(workdir), _one_line(error), found)
+    return found, tree
+  if step not in steps:
+    raise UserError(f'No checkpoint at step {step} in {checkpoint_dir(workdir)}; the steps there '
+                    f'are {", ".join(map(str, steps))}.')
+  try:
+    return step, _restore_step(manager, step, args_fn, check)
+  except UserError:
+    raise
+  except Exception as error:  # pylint: disable=broad-except  (any failure to read)
+    raise UserError(f'The checkpoint at step {step} in {checkpoint_dir(workdir)} cannot be read '
+                    f'({_one_line(error)}); choose another step.') from error
+
+
+def restore_state_dict(workdir, step: Optional[int] = None) -> dict:
+  """A checkpoint's train state as numpy arrays: step, params, ema_params, opt_state, rng.
+
+  `step=None` reads the newest readable checkpoint.
+  """
+  return _restore_read_only(workdir, step, _host_restore, lambda *_: None)[1]
+
+
+def restore_ema_params(workdir, params_template: PyTree,
+                       step: Optional[int] = None) -> tuple[int, PyTree]:
+  """(step, the EMA parameters as numpy arrays, structured as `params_template`).
+
+  Reads only the EMA parameters. A UserError when there is no checkpoint, or when its shapes
+  differ from the template's (a model trained with another config).
+  """
+  found, tree = _restore_read_only(
+      workdir, step,
+      lambda metadata: _host_restore({'ema_params': metadata['ema_params']}, partial=True),
+      lambda step, stored: _check_shapes(step, stored['ema_params'], params_template))
+  return found, flax.serialization.from_state_dict(params_template, tree['ema_params'])
+
+
+@contextlib.contextmanager
+def watch_for_preemption(manager: ocp.CheckpointManager) -> Iterator[Callable[[int], bool]]:
+  """Yields `preempted(step) -> bool`: True once the job should save and stop.
+
+  One process: a SIGTERM handler (installed for the duration) sets a flag. Several processes:
+  JAX's preemption service (it watches SIGTERM on every host) returns True at the same step on
+  all of them, so they save together.
+  """
+  if jax.process_count() > 1:
+    yield manager.reached_preemption
+    return
+  if threading.current_thread() is not threading.main_thread():  # signals reach the main thread
+    yield lambda step: False
+    return
+  received = threading.Event()
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
+  try:
+    yield lambda step: received.is_set()
+  finally:
+    signal.signal(signal.SIGTERM, previous)

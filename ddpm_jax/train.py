@@ -1,0 +1,254 @@
+"""The train state, the pure train step and the training loop (the paper's Algorithm 1).
+
+`train_step` is jitted over a `Mesh`: the global batch is sharded on `data`, the state is
+replicated, and every random number (t, noise, dropout) is drawn for the global batch from
+`fold_in(state.rng, state.step)`, so a run depends on the seed and the global batch only, never on
+the device count. `train_and_evaluate` is the loop of the Flax imagenet example: restore or
+initialise, step, log, sample, checkpoint, stop cleanly on preemption or divergence.
+"""
+import functools
+from typing import Any, Callable, Iterator, Optional
+
+import flax
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.sharding import Mesh
+
+from ddpm_jax import checkpointing, diffusion as diffusion_lib, images, input_pipeline, parallel
+from ddpm_jax import sampling, unet
+from ddpm_jax.errors import UserError
+
+PyTree = Any
+TrainIteratorFn = Callable[..., Iterator[dict]]  # (config, *, start_step) -> local batches
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: the number of updates applied
+  params: PyTree
+  ema_params: PyTree
+  opt_state: optax.OptState
+  rng: jax.Array  # uint32[2]; the randomness of step s is fold_in(rng, s)
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """lr * min(step / warmup_steps, 1), step counted before the update (step 0 has lr 0)."""
+  lr, warmup_steps = config.optim.learning_rate, config.optim.warmup_steps
+  if warmup_steps <= 0:
+    return optax.constant_schedule(lr)
+  return lambda step: lr * jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Clipping of the global gradient norm (grad_clip <= 0 disables it), then warmed-up Adam."""
+  o = config.optim
+  adam = optax.adam(learning_rate_schedule(config), b1=o.beta1, b2=o.beta2, eps=o.eps)
+  return optax.chain(optax.clip_by_global_norm(o.grad_clip), adam) if o.grad_clip > 0 else adam
+
+
+def create_train_state(config, rng: jax.Array) -> TrainState:
+  """Fresh float32 parameters; the EMA starts equal to them."""
+  init_rng, train_rng = jax.random.split(rng)
+  d = config.data
+  x = jnp.zeros((1, d.image_size, d.image_size, d.channels), jnp.float32)
+  params = unet.create_model(config).init(init_rng, x, jnp.zeros((1,), jnp.int32),
+                                          train=False)['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=params,
+                    opt_state=make_optimizer(config).init(params), rng=train_rng)
+
+
+def train_step(state: TrainState, batch: dict, *, model, diffusion, config):
+  """One update on the global batch: (state, {'image': [B, H, W, C]}) -> (state, metrics)."""
+  x_start = batch['image']
+  t_rng, noise_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
+  t = jax.random.randint(t_rng, (x_start.shape[0],), 0, diffusion.num_timesteps)
+  noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
+
+  def loss_fn(params):
+    model_fn = lambda x, t: model.apply({'params': params}, x, t, train=True,
+                                        rngs={'dropout': dropout_rng})
+    return jnp.mean(diffusion.training_losses(model_fn, x_start, t, noise))
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  decay = jnp.where(state.step == 0, 0.0, config.training.ema_decay)  # EMA = weights after step 1
+  ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+  metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
+                 learning_rate=learning_rate_schedule(config)(state.step))
+  return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                       opt_state=opt_state), metrics
+
+
+def jit_train_step(config, mesh: Mesh):
+  """`train_step` for `config`, jitted over `mesh`; it donates (consumes) the state it gets."""
+  step = functools.partial(train_step, model=unet.create_model(config),
+                           diffusion=diffusion_lib.from_config(config), config=config)
+  replicated = parallel.replicated(mesh)
+  return jax.jit(step, in_shardings=(replicated, parallel.data_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def _abstract_train_state(config, mesh: Mesh) -> TrainState:
+  abstract = jax.eval_shape(functools.partial(create_train_state, config),
+                            jax.random.PRNGKey(config.seed))
+  replicated = parallel.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                      abstract)
+
+
+def _replicate_host_values(mesh: Mesh, tree: PyTree) -> PyTree:
+  """Global replicated arrays from values every process holds alike (no collective)."""
+  replicated = parallel.replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x)), tree)
+
+
+def restore_or_create_train_state(config, workdir, mesh: Mesh, manager) -> TrainState:
+  """The newest readable checkpoint's state, or a fresh one from `config.seed`."""
+  abstract = _abstract_train_state(config, mesh)
+  restored = checkpointing.restore_for_training(manager, workdir,
+                                                flax.serialization.to_state_dict(abstract))
+  if restored is None:
+    logging.info('No checkpoint in %s; starting from scratch.',
+                 checkpointing.checkpoint_dir(workdir))
+    # Initialised on one device, then replicated: one program whatever the mesh.
+    state = jax.jit(functools.partial(create_train_state, config))(jax.random.PRNGKey(config.seed))
+    return _replicate_host_values(mesh, state)
+  step, state_dict = restored
+  logging.info('Resuming from the checkpoint at step %d.', step)
+  return flax.serialization.from_state_dict(abstract, state_dict)
+
+
+def _divergence_error(what: str, step: int, last_good_step: Optional[int]) -> UserError:
+  kept = ('no checkpoint was written' if last_good_step is None
+          else f'the last good checkpoint (step {last_good_step}) is kept')
+  return UserError(f'Training diverged: {what} at step {step}; {kept}; lower '
+                   f'optim.learning_rate or raise optim.warmup_steps and rerun.')
+
+
+def _raise_if_diverged(history: list[tuple[int, dict]], last_good_step: Optional[int]) -> None:
+  """UserError at the first step whose loss or gradient norm is NaN or infinite."""
+  for step, metrics in jax.device_get(history):
+    if not (np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])):
+      raise _divergence_error(f'the loss is {metrics["loss"]} and the gradient norm '
+                              f'{metrics["grad_norm"]}', step, last_good_step)
+
+
+def _jit_sample_grid(config, mesh: Mesh):
+  """(ema_params, rng) -> EMA samples [n, H, W, C] in [-1, 1], sharded over `data`.
+
+  n is training.num_grid_samples rounded up to a multiple of the device count.
+  """
+  model, diffusion = unet.create_model(config), diffusion_lib.from_config(config)
+  d = config.data
+  num_samples = -(-config.training.num_grid_samples // mesh.size) * mesh.size
+  shape = (num_samples, d.image_size, d.image_size, d.channels)
+
+  @functools.partial(jax.jit, out_shardings=parallel.data_sharding(mesh))
+  def sample(ema_params, rng):
+    model_fn = lambda x, t: model.apply({'params': ema_params}, x, t, train=False)
+    return sampling.p_sample_loop(diffusion, model_fn, shape, rng,
+                                  clip_denoised=config.sampling.clip_denoised, mesh=mesh)
+  return sample
+
+
+def train_and_evaluate(config, workdir, *, mesh: Optional[Mesh] = None,
+                       create_train_iterator: TrainIteratorFn = input_pipeline.create_train_iterator
+                       ) -> TrainState:
+  """Trains to `config.training.num_train_steps`, resuming from `workdir`; returns the state.
+
+  A run stopped by preemption (SIGTERM) saves its current step and returns early (the returned
+  state's step is short of num_train_steps); rerunning with the same workdir resumes from it.
+  `mesh` defaults to all devices; `create_train_iterator(config, start_step=s)` yields the local
+  batches of steps s, s + 1, ... (the input pipeline by default).
+  """
+  mesh = mesh or parallel.make_mesh()
+  parallel.check_divisible(config.training.batch_size, mesh)
+  manager = checkpointing.create_manager(workdir, config.training)  # checks the workdir first
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+  try:
+    with checkpointing.watch_for_preemption(manager) as preempted:
+      state = restore_or_create_train_state(config, workdir, mesh, manager)
+      return _train_loop(config, state, mesh, manager, writer, preempted,
+                         create_train_iterator(config, start_step=int(state.step)))
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+
+
+def _compile_on_every_process(config, mesh: Mesh, state: TrainState, grid_rng):
+  """(train step, sample-grid sampler or None), compiled ahead, then a barrier of all processes.
+
+  CPU (gloo) collectives give up when processes reach their first one more than 30 s apart,
+  as compiling at different speeds can make them; the barrier goes through the coordination
+  service instead, which waits as long as it takes.
+  """
+  d = config.data
+  batch = {'image': jax.ShapeDtypeStruct(
+      (config.training.batch_size, d.image_size, d.image_size, d.channels), jnp.float32,
+      sharding=parallel.data_sharding(mesh))}
+  train_step_fn = jit_train_step(config, mesh).lower(state, batch).compile()
+  sample_grid_fn = None
+  if config.training.sample_every > 0:
+    sample_grid_fn = _jit_sample_grid(config, mesh).lower(state.ema_params, grid_rng).compile()
+  ocp.multihost.get_barrier_sync_fn()(key=f'ddpm_jax_compiled_{int(state.step)}',
+                                      timeout_ms=3_600_000)
+  return train_step_fn, sample_grid_fn
+
+
+def _train_loop(config, state, mesh, manager, writer, preempted, train_iter) -> TrainState:
+  tc = config.training
+  grid_rng = _replicate_host_values(  # the same x_T every time
+      mesh, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+  p_train_step, sample_grid = _compile_on_every_process(config, mesh, state, grid_rng)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=tc.num_train_steps,
+                                                    writer=writer, every_steps=tc.log_every)
+  history = []  # (step, metrics) not yet checked for divergence
+  for step in range(int(state.step) + 1, tc.num_train_steps + 1):  # `step`: updates done
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      state, metrics = p_train_step(state, parallel.global_batch(mesh, next(train_iter)))
+    history.append((step, metrics))
+    report_progress(step)
+    if step % tc.log_every == 0 or step == tc.num_train_steps:
+      _raise_if_diverged(history, manager.latest_step())
+      _write_mean_metrics(writer, step, [metrics for _, metrics in history])
+      history = []
+    if sample_grid is not None and step % tc.sample_every == 0:
+      with report_progress.timed('sample'):
+        samples = parallel.to_host(sample_grid(state.ema_params, grid_rng))
+        grid = images.image_grid(images.to_uint8(samples[:tc.num_grid_samples]))
+        writer.write_images(step, {'samples': grid[None]})
+    stop = preempted(step)
+    if stop or step % tc.checkpoint_every == 0 or step == tc.num_train_steps:
+      _save_if_finite(manager, step, state, history)
+    if stop:
+      logging.warning('Preempted: saved the checkpoint at step %d; rerun the same command to '
+                      'resume.', step)
+      break
+  return state
+
+
+def _write_mean_metrics(writer, step: int, metrics: list[dict]) -> None:
+  host_metrics = jax.device_get(metrics)
+  writer.write_scalars(step, {name: float(np.mean([m[name] for m in host_metrics]))
+                              for name in host_metrics[0]})
+
+
+def _save_if_finite(manager, step: int, state: TrainState, history) -> None:
+  """Saves `state` unless a step since the last check diverged (then a UserError).
+
+  Finite losses and gradient norms imply finite parameters: clipped (or Adam-normalised)
+  updates of finite gradients are bounded, so this check keeps NaNs out of checkpoints.
+  """
+  _raise_if_diverged(history, manager.latest_step())
+  logging.info('Saving the checkpoint at step %d.', step)
+  checkpointing.save(manager, step, flax.serialization.to_state_dict(state))

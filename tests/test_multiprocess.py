@@ -1,0 +1,89 @@
+"""Two processes on this machine train together (gloo collectives): one checkpoint, preemption."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ddpm_jax import checkpointing
+from tests.conftest import ROOT
+
+ENV = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+           JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _start_two_processes(workdir, log_dir, **overrides) -> list[subprocess.Popen]:
+  """`python -m ddpm_jax.main` as processes 0 and 1 of a job; stderr in log_dir/<i>.log."""
+  config = {'model.ch': 32, 'model.ch_mult': '(1,2)', 'model.num_res_blocks': 1,
+            'diffusion.num_timesteps': 20, 'training.batch_size': 16,
+            'training.log_every': 2, 'training.checkpoint_every': 4, 'optim.warmup_steps': 2,
+            **overrides}
+  port = _free_port()
+  processes = []
+  for i in range(2):
+    command = [sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py',
+               f'--workdir={workdir}', '--mode=train',
+               f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+               f'--process_id={i}', *(f'--config.{k}={v}' for k, v in config.items())]
+    with open(log_dir / f'{i}.log', 'w') as log:
+      processes.append(subprocess.Popen(command, cwd=ROOT, env=ENV, stderr=log))
+  return processes
+
+
+def _wait(processes, log_dir) -> list[str]:
+  """The processes' logs once both have exited (each must exit with status 0)."""
+  try:
+    for p in processes:
+      p.wait(timeout=600)
+  finally:
+    for p in processes:
+      p.kill()
+  logs = [(log_dir / f'{i}.log').read_text() for i in range(2)]
+  for p, log in zip(processes, logs):
+    assert p.returncode == 0, log[-3000:]
+  return logs
+
+
+def _steps(workdir) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir())
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_and_write_one_checkpoint(tmp_path):
+  workdir = tmp_path / 'workdir'
+  logs = _wait(_start_two_processes(workdir, tmp_path, **{
+      'training.num_train_steps': 4, 'training.sample_every': 4,
+      'training.num_grid_samples': 6}), tmp_path)
+  assert 'JAX process 0 of 2, 2 local and 4 global devices.' in logs[0]
+  assert 'JAX process 1 of 2, 2 local and 4 global devices.' in logs[1]
+  assert _steps(workdir) == [4]
+  assert int(checkpointing.restore_state_dict(str(workdir))['step']) == 4
+  events = list(workdir.glob('events.out.tfevents.*'))
+  assert len(events) == 1  # only process 0 writes summaries
+  assert b'samples' in events[0].read_bytes()  # the sample grid, drawn on all 4 devices
+
+
+@pytest.mark.slow
+def test_sigterm_to_both_processes_saves_one_step_and_exits_0(tmp_path):
+  workdir = tmp_path / 'workdir'
+  processes = _start_two_processes(workdir, tmp_path, **{'training.num_train_steps': 10_000})
+  deadline = time.time() + 600
+  while 'Saving the checkpoint at step 4.' not in (tmp_path / '0.log').read_text():
+    assert time.time() < deadline and processes[0].poll() is None, 'no checkpoint at step 4'
+    time.sleep(1)
+  for p in processes:  # as a TPU pod's hosts get it: JAX's preemption service picks the step
+    p.send_signal(signal.SIGTERM)
+  logs = _wait(processes, tmp_path)
+  saved = [int(re.search(r'Preempted: saved the checkpoint at step (\d+)', log).group(1))
+           for log in logs]
+  assert saved[0] == saved[1] == _steps(workdir)[-1] > 4

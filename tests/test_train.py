@@ -1,0 +1,160 @@
+"""Training: the device count does not matter, resuming is exact, EMA and warmup, divergence."""
+import functools
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from etils import epath
+from jax.sharding import Mesh
+
+from configs import cifar10
+from ddpm_jax import checkpointing, input_pipeline, parallel, train
+from ddpm_jax.errors import UserError
+from tests.conftest import tiny_digits_config
+
+
+def _config(num_train_steps: int = 12):
+  config = tiny_digits_config(num_timesteps=20, num_train_steps=num_train_steps)
+  config.model.dropout = 0.1  # dropout's randomness must not depend on the device count either
+  config.training.log_every = 3
+  config.training.checkpoint_every = 6
+  config.optim.warmup_steps = 4
+  return config
+
+
+def _one_device_mesh() -> Mesh:
+  return Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))
+
+
+def _host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _initial_state(config) -> train.TrainState:
+  return jax.jit(functools.partial(train.create_train_state, config))(
+      jax.random.PRNGKey(config.seed))
+
+
+def _relative_difference(a, b) -> float:
+  """||a - b|| / ||b|| over all leaves of two pytrees of the same structure."""
+  squared = lambda tree: sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree))
+  return float(np.sqrt(squared(jax.tree.map(np.subtract, a, b)) / squared(b)))
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """Params of: 12 steps on 8 devices, 12 on 1 device, 6 then resumed to 12 (8 devices)."""
+  config = _config()
+  eight = train.train_and_evaluate(config, str(tmp_path_factory.mktemp('eight')))
+  one = train.train_and_evaluate(config, str(tmp_path_factory.mktemp('one')),
+                                 mesh=_one_device_mesh())
+  resumed_dir = tmp_path_factory.mktemp('resumed')
+  halfway = train.train_and_evaluate(_config(num_train_steps=6), str(resumed_dir))
+  resumed = train.train_and_evaluate(config, str(resumed_dir))
+  return dict(initial=_host(_initial_state(config).params), eight=_host(eight.params),
+              one=_host(one.params), halfway_step=int(halfway.step),
+              resumed=_host(resumed.params), resumed_step=int(resumed.step),
+              resumed_dir=resumed_dir)
+
+
+@pytest.mark.slow
+def test_one_and_eight_devices_make_the_same_update(runs):
+  change_on_eight = jax.tree.map(np.subtract, runs['eight'], runs['initial'])
+  change_on_one = jax.tree.map(np.subtract, runs['one'], runs['initial'])
+  assert _relative_difference(change_on_one, change_on_eight) < 1e-2
+
+
+@pytest.mark.slow
+def test_stopping_and_resuming_equals_training_straight(runs):
+  assert (runs['halfway_step'], runs['resumed_step']) == (6, 12)
+  assert sorted(int(p.name) for p in (runs['resumed_dir'] / 'checkpoints').iterdir()) == [6, 12]
+  change_straight = jax.tree.map(np.subtract, runs['eight'], runs['initial'])
+  change_resumed = jax.tree.map(np.subtract, runs['resumed'], runs['initial'])
+  assert _relative_difference(change_resumed, change_straight) < 1e-3
+
+
+def test_warmup_starts_at_zero_and_ends_at_the_learning_rate():
+  config = _config()
+  schedule = train.learning_rate_schedule(config)
+  lr, warmup = config.optim.learning_rate, config.optim.warmup_steps
+  np.testing.assert_allclose([schedule(s) for s in (0, 1, warmup, 10 * warmup)],
+                             [0, lr / warmup, lr, lr], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_ema_equals_the_weights_after_the_first_step():
+  config = _config()
+  config.training.ema_decay = 0.9
+  mesh = _one_device_mesh()
+  state = _initial_state(config)
+  state = state.replace(ema_params=jax.tree.map(np.zeros_like, state.params))  # any start value
+  initial_params = _host(state.params)
+  batches = input_pipeline.create_train_iterator(config)
+  train_step = train.jit_train_step(config, mesh)
+
+  state, metrics = train_step(state, parallel.global_batch(mesh, next(batches)))
+  assert float(metrics['learning_rate']) == 0.0  # the authors' lr at the pre-increment step 0
+  params_1 = _host(state.params)
+  jax.tree.map(np.testing.assert_array_equal, params_1, initial_params)  # lr 0: no change
+  jax.tree.map(np.testing.assert_array_equal, _host(state.ema_params), params_1)
+
+  state, metrics = train_step(state, parallel.global_batch(mesh, next(batches)))
+  lr = config.optim.learning_rate
+  np.testing.assert_allclose(float(metrics['learning_rate']), lr / config.optim.warmup_steps)
+  params_2 = _host(state.params)
+  assert _relative_difference(params_2, params_1) > 0
+  expected_ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, params_1, params_2)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+               _host(state.ema_params), expected_ema)
+
+
+def _nan_at_step(bad_step: int):
+  """The digits iterator, with the batch of step `bad_step` (0-indexed) replaced by NaNs."""
+  def create_train_iterator(config, *, start_step: int = 0):
+    batches = input_pipeline.create_train_iterator(config, start_step=start_step)
+    for step, batch in enumerate(batches, start=start_step):
+      yield {'image': np.full_like(batch['image'], np.nan)} if step == bad_step else batch
+  return create_train_iterator
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = _config(num_train_steps=12)
+  config.training.log_every = 2
+  config.training.checkpoint_every = 2
+  with pytest.raises(UserError, match=r'diverged: the loss is nan .* at step 5; the last good '
+                                      r'checkpoint \(step 4\) is kept'):
+    train.train_and_evaluate(config, str(tmp_path), create_train_iterator=_nan_at_step(4))
+  assert checkpointing.create_manager(str(tmp_path), config.training).all_steps() == [2, 4]
+  state = checkpointing.restore_state_dict(str(tmp_path))
+  assert int(state['step']) == 4
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+
+
+def test_a_batch_not_divisible_by_the_devices_is_a_clear_error(tmp_path):
+  config = _config()
+  config.training.batch_size = 12
+  with pytest.raises(UserError, match='batch_size=12 is not divisible by the 8 devices'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (epath.Path(tmp_path) / 'checkpoints').exists()
+
+
+@pytest.mark.slow
+def test_one_step_on_mock_cifar10_with_a_sample_grid(tmp_path):
+  config = cifar10.get_config()
+  config.model.ch = 32
+  config.model.ch_mult = (1, 2)
+  config.model.num_res_blocks = 1
+  config.diffusion.num_timesteps = 10
+  config.training.batch_size = 8
+  config.training.num_train_steps = 1
+  config.training.sample_every = 1
+  config.training.num_grid_samples = 4
+  with tfds.testing.mock_data(num_examples=16):
+    state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 1
+  assert state.params['conv_in']['kernel'].shape == (3, 3, 3, 32)
+  assert checkpointing.restore_state_dict(str(tmp_path))['step'] == 1
+  events = b''.join(p.read_bytes() for p in epath.Path(tmp_path).glob('events.out.tfevents.*'))
+  assert b'samples' in events and b'loss' in events
