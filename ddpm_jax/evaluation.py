@@ -28,7 +28,7 @@ def _write_json(path: epath.Path, data: dict) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (path.name + '.tmp')
   tmp.write_text(json.dumps(data, indent=1))
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def _read_json(path: epath.Path):

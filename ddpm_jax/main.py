@@ -7,6 +7,7 @@
 A mistake the user can fix (a UserError, a config file that is missing or does not load) prints
 its message alone on stderr and exits with status 1.
 """
+import os
 import sys
 
 import jax
@@ -52,7 +53,10 @@ def main(argv) -> None:
   parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info('JAX process %d of %d, %d local and %d global devices.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  workdir = _WORKDIR.value
+  if '://' not in workdir:
+    workdir = os.path.expanduser(workdir)  # --workdir=~/x reaches us unexpanded
+  run(_CONFIG.value, workdir, _MODE.value)
 
 
 def _parse_flags(argv):

@@ -165,7 +165,7 @@ def _write_npz(path: epath.Path, **arrays) -> None:
   np.savez(buffer, **arrays)
   tmp = path.parent / (path.name + '.tmp')
   tmp.write_bytes(buffer.getvalue())
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def read_samples(path) -> np.ndarray:

@@ -34,6 +34,9 @@ def test_eval_writes_bpd_rate_distortion_and_the_digits_check(trained_digits):
   rate, distortion = np.array(rd['rate_bpd']), np.array(rd['distortion_rmse'])
   assert len(rate) == config.diffusion.num_timesteps
   assert np.all(np.diff(rate) <= 0)  # rate falls with t
-  assert np.all(np.diff(distortion) >= -0.02 * distortion.max())  # distortion rises with t
+  # Distortion rises with t (up to the Monte-Carlo noise of one q sample per t on 16 images).
+  ranks = np.argsort(np.argsort(distortion))
+  assert np.corrcoef(ranks, np.arange(len(ranks)))[0, 1] > 0.95
+  assert np.all(np.diff(np.convolve(distortion, np.ones(8) / 8, 'valid')[::8]) > 0)
   assert distortion[-1] > 5 * distortion[0]
   np.testing.assert_allclose(rd['total_bpd'], metrics['bpd_test'], rtol=1e-6)

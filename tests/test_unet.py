@@ -41,6 +41,7 @@ def test_learned_variance_doubles_the_output_channels():
 def tiny_config(dtype='float32', dropout=0.0):
   config = digits.get_config()
   config.model.ch = 32
+  config.model.ch_mult = (1, 2)
   config.model.dropout = dropout
   config.model.dtype = dtype
   return config
