@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax import xla_flags  # pylint: disable=unused-import  (CPU flags, before JAX's backend starts)
 from ddpm_jax.errors import UserError
 
 

@@ -1,0 +1,169 @@
+"""Throughput of the real train step and reverse-chain step, timed after compilation.
+
+  python -m ddpm_jax.benchmark --config=configs/cifar10.py \
+      [--config.training.batch_size=8 --config.sampling.batch_size=8] [--steps=10 --warmup=2]
+
+Times `train.jit_train_step` (forward, loss, backward, clipping, Adam, EMA; the state donated as
+in training) and one reverse step x_t -> x_{t-1} (`GaussianDiffusion.p_sample` with the EMA
+parameters), both jitted over the mesh of all devices; a scan of `--scan_steps` reverse steps
+(`sampling._reverse_chain`, the loop of `p_sample_loop`) confirms the per-step cost. Times are
+medians. The last line of stdout is one JSON object (compare with the PyTorch peer,
+`../shared/bench/torch_peer.py`); progress goes to the log.
+"""
+import functools
+import json
+import os
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ddpm_jax import diffusion as diffusion_lib, parallel, sampling, train, unet
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed calls of each step; the median is reported.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls after compilation.')
+_SCAN_STEPS = flags.DEFINE_integer('scan_steps', 10, 'Reverse steps in the timed scan.')
+
+
+def _compile(jitted, *args):
+  """(compiled executable, seconds to lower and compile)."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _median_seconds(step, carry, *, steps: int, warmup: int):
+  """(median wall time of `carry = step(carry)` over `steps` calls after `warmup`, last carry)."""
+  times = []
+  for _ in range(warmup + steps):
+    start = time.perf_counter()
+    carry = jax.block_until_ready(step(carry))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times[warmup:])), carry
+
+
+def _peak_bytes(executables) -> tuple[int, str]:
+  """Peak memory: the device's counter, else XLA's buffer assignment, else the resident set."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use']), 'device_memory_stats'
+  try:
+    peaks = []
+    for executable in executables:
+      m = executable.memory_analysis()
+      peaks.append(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                   + m.temp_size_in_bytes)
+    return max(peaks), 'memory_analysis'
+  except (AttributeError, NotImplementedError, TypeError):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'max_rss'
+
+
+def _reverse_step_fns(config, mesh, num_scan_steps: int):
+  """Jitted (ema_params, (x_t, t), rng) -> (x_{t-1}, t - 1): one reverse step and a scan."""
+  model, diffusion = unet.create_model(config), diffusion_lib.from_config(config)
+  clip = config.sampling.clip_denoised
+
+  def one_step(ema_params, carry, rng):
+    x, t_scalar = carry
+    model_fn = lambda x, t: model.apply({'params': ema_params}, x, t, train=False)
+    noise = sampling._step_noise(rng, x.shape, mesh)(t_scalar)  # pylint: disable=protected-access
+    t = jnp.full((x.shape[0],), t_scalar, jnp.int32)
+    x, _ = diffusion.p_sample(model_fn, x, t, noise, clip_denoised=clip)
+    return x, t_scalar - 1
+
+  def scan(ema_params, carry, rng):
+    x, t_scalar = carry
+    model_fn = lambda x, t: model.apply({'params': ema_params}, x, t, train=False)
+    noise_fn = sampling._step_noise(rng, x.shape, mesh)  # pylint: disable=protected-access
+    x, _ = sampling._reverse_chain(  # pylint: disable=protected-access
+        diffusion, model_fn, x, noise_fn, start=num_scan_steps - 1, clip_denoised=clip)
+    return x, t_scalar
+
+  replicated, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  jit = functools.partial(jax.jit, in_shardings=(replicated, (data, replicated), replicated),
+                          out_shardings=(data, replicated), donate_argnums=1)
+  return jit(one_step), jit(scan)
+
+
+def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10) -> dict:
+  """Compiles and times the train step and the reverse step of `config`; returns the numbers."""
+  mesh = parallel.make_mesh()
+  batch_size, sample_batch_size = config.training.batch_size, config.sampling.batch_size
+  parallel.check_divisible(batch_size, mesh)
+  parallel.check_divisible(sample_batch_size, mesh, 'sampling.batch_size')
+  d = config.data
+  image_shape = (d.image_size, d.image_size, d.channels)
+  rng = np.random.default_rng(config.seed)
+  local_images = rng.uniform(-1, 1, (batch_size // jax.process_count(),) + image_shape)
+  batch = parallel.global_batch(mesh, {'image': local_images.astype(np.float32)})
+  state = jax.jit(functools.partial(train.create_train_state, config),
+                  out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(config.seed))
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+
+  logging.info('Compiling the train step (batch %d, %d devices).', batch_size, mesh.size)
+  train_step, compile_seconds = _compile(train.jit_train_step(config, mesh), state, batch)
+  logging.info('Timing %d train steps.', steps)
+  train_seconds, state = _median_seconds(lambda s: train_step(s, batch)[0], state,
+                                         steps=steps, warmup=warmup)
+  # The cost analysis of a partitioned program counts one device's share.
+  flops_per_step = float(train_step.cost_analysis()['flops']) * mesh.size
+
+  ema_params = state.ema_params
+  x_T = parallel.global_batch(mesh, rng.standard_normal(
+      (sample_batch_size // jax.process_count(),) + image_shape).astype(np.float32))
+  num_timesteps = config.diffusion.num_timesteps
+  carry = lambda: (jnp.copy(x_T), jnp.int32(num_timesteps - 1))
+  sample_rng = jax.random.PRNGKey(config.seed + 1)
+  one_step_jit, scan_jit = _reverse_step_fns(config, mesh, scan_steps)
+  logging.info('Compiling the reverse step (batch %d) and a %d-step scan.', sample_batch_size,
+               scan_steps)
+  one_step, sample_compile_seconds = _compile(one_step_jit, ema_params, carry(), sample_rng)
+  scan, _ = _compile(scan_jit, ema_params, carry(), sample_rng)
+  logging.info('Timing %d reverse steps and %d scans.', steps, max(steps // 2, 1))
+  step_seconds, _ = _median_seconds(lambda c: one_step(ema_params, c, sample_rng), carry(),
+                                    steps=steps, warmup=warmup)
+  scan_seconds, _ = _median_seconds(lambda c: scan(ema_params, c, sample_rng), carry(),
+                                    steps=max(steps // 2, 1), warmup=1)
+
+  peak_bytes, peak_source = _peak_bytes([train_step, one_step, scan])
+  return dict(
+      train_images_per_sec=batch_size / train_seconds,
+      train_steps_per_sec=1 / train_seconds,
+      sample_steps_per_sec=1 / step_seconds,
+      sample_images_per_sec=sample_batch_size / (step_seconds * num_timesteps),
+      scan_steps_per_sec=scan_steps / scan_seconds,
+      compile_seconds=compile_seconds,
+      sample_compile_seconds=sample_compile_seconds,
+      params=num_params,
+      devices=mesh.size,
+      device_kind=jax.devices()[0].device_kind,
+      batch_size=batch_size,
+      sample_batch_size=sample_batch_size,
+      train_flops_per_step=flops_per_step,
+      achieved_tflops=flops_per_step / train_seconds / 1e12,
+      peak_memory_bytes=peak_bytes,
+      peak_memory_source=peak_source,
+      dtype=str(config.model.dtype),
+      jax=jax.__version__,
+      xla_flags=os.environ.get('XLA_FLAGS', ''),
+  )
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  parallel.initialize()  # TPU pods; nothing elsewhere
+  result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
+               scan_steps=_SCAN_STEPS.value)
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
