@@ -147,6 +147,7 @@ def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10) -> di
       sample_batch_size=sample_batch_size,
       train_flops_per_step=flops_per_step,
       achieved_tflops=flops_per_step / train_seconds / 1e12,
+      sample_flops_per_step=float(one_step.cost_analysis()['flops']) * mesh.size,
       peak_memory_bytes=peak_bytes,
       peak_memory_source=peak_source,
       dtype=str(config.model.dtype),

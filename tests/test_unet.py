@@ -1,6 +1,7 @@
 """The U-Net: the authors' parameter counts, their init, the time embedding, the compute dtype."""
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +116,22 @@ def test_bfloat16_compute_keeps_float32_params_and_close_outputs():
   assert jax.tree.leaves(model16.init(jax.random.PRNGKey(0), x, t))[0].dtype == jnp.float32
   scale = float(jnp.abs(out32).max())
   assert float(jnp.abs(out32 - out16).max()) < 0.05 * scale
+
+
+@pytest.mark.parametrize('shape,groups', [((2, 16, 16, 64), 32), ((3, 8, 8, 32), 8)])
+def test_group_norm_matches_flax_with_gradients(shape, groups):
+  x = 3 * jax.random.normal(jax.random.PRNGKey(0), shape) + 1.5
+  ours, flax_gn = unet.GroupNorm(num_groups=groups), nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+  variables = flax_gn.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(ours.init(jax.random.PRNGKey(1), x))
+  variables = jax.tree.map(lambda p: p + jax.random.normal(jax.random.PRNGKey(2), p.shape),
+                           variables)
+  np.testing.assert_allclose(ours.apply(variables, x), flax_gn.apply(variables, x), atol=2e-5)
+  cube = lambda module: jax.grad(lambda v, x: (module.apply(v, x) ** 3).sum(), (0, 1))(variables, x)
+  for a, b in zip(jax.tree.leaves(cube(ours)), jax.tree.leaves(cube(flax_gn))):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
+  with pytest.raises(UserError, match='num_groups'):
+    unet.GroupNorm(num_groups=groups).init(jax.random.PRNGKey(0), x[..., :groups + 1])
 
 
 def test_bad_image_size_is_a_clear_error():
