@@ -29,6 +29,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed calls of each step; the median is reported.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls after compilation.')
 _SCAN_STEPS = flags.DEFINE_integer('scan_steps', 10, 'Reverse steps in the timed scan.')
+_MATMUL_SIZE = flags.DEFINE_integer('matmul_size', 4096,
+                                    'n of the n x n matmul that measures the peak FLOP/s.')
 
 
 def _compile(jitted, *args):
@@ -46,6 +48,15 @@ def _median_seconds(step, carry, *, steps: int, warmup: int):
     carry = jax.block_until_ready(step(carry))
     times.append(time.perf_counter() - start)
   return float(np.median(times[warmup:])), carry
+
+
+def _matmul_tflops(n: int, dtype, *, steps: int = 5) -> float:
+  """FLOP/s of one jitted n x n matmul on the first device: the peak the model is measured against."""
+  a, b = (jax.device_put(jnp.asarray(np.random.default_rng(i).standard_normal((n, n)), dtype))
+          for i in range(2))
+  matmul, _ = _compile(jax.jit(jnp.dot), a, b)
+  seconds, _ = _median_seconds(lambda _: matmul(a, b), None, steps=steps, warmup=1)
+  return 2 * n**3 / seconds / 1e12
 
 
 def _peak_bytes(executables) -> tuple[int, str]:
@@ -91,8 +102,13 @@ def _reverse_step_fns(config, mesh, num_scan_steps: int):
   return jit(one_step), jit(scan)
 
 
-def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10) -> dict:
-  """Compiles and times the train step and the reverse step of `config`; returns the numbers."""
+def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10,
+        matmul_size: int = 4096) -> dict:
+  """Compiles and times the train step and the reverse step of `config`; returns the numbers.
+
+  `matmul_peak_tflops` is the whole mesh's rate on an n x n matmul (n = `matmul_size`) in the
+  compute dtype, and `peak_fraction` the share of it that the train step reaches.
+  """
   mesh = parallel.make_mesh()
   batch_size, sample_batch_size = config.training.batch_size, config.sampling.batch_size
   parallel.check_divisible(batch_size, mesh)
@@ -132,6 +148,9 @@ def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10) -> di
                                     steps=max(steps // 2, 1), warmup=1)
 
   peak_bytes, peak_source = _peak_bytes([train_step, one_step, scan])
+  achieved_tflops = flops_per_step / train_seconds / 1e12
+  logging.info('Timing a %d x %d matmul.', matmul_size, matmul_size)
+  matmul_tflops = _matmul_tflops(matmul_size, config.model.dtype) * mesh.size
   return dict(
       train_images_per_sec=batch_size / train_seconds,
       train_steps_per_sec=1 / train_seconds,
@@ -146,7 +165,9 @@ def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10) -> di
       batch_size=batch_size,
       sample_batch_size=sample_batch_size,
       train_flops_per_step=flops_per_step,
-      achieved_tflops=flops_per_step / train_seconds / 1e12,
+      achieved_tflops=achieved_tflops,
+      matmul_peak_tflops=matmul_tflops,
+      peak_fraction=achieved_tflops / matmul_tflops,
       sample_flops_per_step=float(one_step.cost_analysis()['flops']) * mesh.size,
       peak_memory_bytes=peak_bytes,
       peak_memory_source=peak_source,
@@ -161,7 +182,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   parallel.initialize()  # TPU pods; nothing elsewhere
   result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
-               scan_steps=_SCAN_STEPS.value)
+               scan_steps=_SCAN_STEPS.value, matmul_size=_MATMUL_SIZE.value)
   print(json.dumps(result), flush=True)
 
 

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ('train_images_per_sec', 'train_steps_per_sec', 'sample_steps_per_sec',
         'sample_images_per_sec', 'compile_seconds', 'params', 'devices', 'device_kind',
         'batch_size', 'sample_batch_size', 'train_flops_per_step', 'achieved_tflops',
-        'peak_memory_bytes', 'dtype')
+        'matmul_peak_tflops', 'peak_fraction', 'peak_memory_bytes', 'dtype')
 
 
 @pytest.mark.slow
@@ -22,7 +22,7 @@ def test_benchmark_prints_json_last():
           '--config.diffusion.num_timesteps=40', '--config.training.batch_size=8',
           '--config.sampling.batch_size=8']
   command = [sys.executable, '-m', 'ddpm_jax.benchmark', '--config=configs/digits.py', *tiny,
-             '--steps=2', '--warmup=1', '--scan_steps=2']
+             '--steps=2', '--warmup=1', '--scan_steps=2', '--matmul_size=256']
   out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(KEYS) <= set(result)
