@@ -4,10 +4,11 @@ Command (2-core CPU, the README's main job):
   python -m ddpm_jax.main --config=configs/digits.py --workdir=/tmp/ddpm_digits --mode=all
 A small U-Net (1 channel, 8x8, 285k parameters, 13.5 MFLOP a pass) with the paper's diffusion
 (linear betas, T=1000, eps prediction, L_simple, fixedlarge sampling).
-Measured on a shared 2-core CPU: 2,000 steps in ~6 min, 100 samples in ~1 min. A digit
-classifier trained on real digits is 0.94 confident on the samples (0.976 on held-out real
-digits), every class gets 5-17% of the samples, and the mean distance to the nearest training
-image is 0.147 (0.132 for held-out real digits; no copies).
+Measured on an idle 2-core CPU: the whole job in 5.6 min (2,000 steps at 14 steps/s, 400
+samples, eval); the sampler draws 4 samples/s (20 reverse steps/s at batch 200). On 1,000
+samples a digit classifier trained on real digits is 0.931 confident (0.976 on held-out real
+digits), every class gets 8.5-13.2% of the samples, and the mean RMSE to the nearest training
+image is 0.153 (0.132 for held-out real digits; no copies). Test bits/dim 4.68.
 """
 from ddpm_jax import default_config
 

@@ -179,7 +179,8 @@ def generate(inference: Inference, workdir, *, name: str, num_samples: int, batc
   """Samples in chunks of `batch_size` to WORKDIR/samples/<name>.npz; resumes after preemption.
 
   Chunk i is drawn from fold_in(seed, i) and written as it finishes, so a rerun continues
-  with the first missing chunk and gives the same samples as an uninterrupted run.
+  with the first missing chunk and gives the same samples as an uninterrupted run. Chunks are
+  kept apart per (num_samples, batch_size, seed): a rerun that changes one starts afresh.
   """
   if num_samples < 1:
     raise UserError(f'sampling.num_samples must be at least 1, got {num_samples}.')
@@ -189,7 +190,7 @@ def generate(inference: Inference, workdir, *, name: str, num_samples: int, batc
   final = out_dir / f'{name}.npz'
   if final.exists() and len(read_samples(final)) == num_samples:
     return final
-  chunk_dir = out_dir / f'{name}_chunks'
+  chunk_dir = out_dir / f'{name}_chunks_n{num_samples}_b{batch_size}_s{seed}'
   chunk_dir.mkdir(parents=True, exist_ok=True)
   num_chunks = -(-num_samples // batch_size)
   chunk_paths = [chunk_dir / f'chunk_{i:05d}_of_{num_chunks:05d}.npz' for i in range(num_chunks)]
