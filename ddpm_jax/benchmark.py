@@ -51,7 +51,7 @@ def _median_seconds(step, carry, *, steps: int, warmup: int):
 
 
 def _matmul_tflops(n: int, dtype, *, steps: int = 5) -> float:
-  """FLOP/s of one jitted n x n matmul on the first device: the peak the model is measured against."""
+  """FLOP/s of a jitted n x n matmul on the first device: the peak the model is measured against."""
   a, b = (jax.device_put(jnp.asarray(np.random.default_rng(i).standard_normal((n, n)), dtype))
           for i in range(2))
   matmul, _ = _compile(jax.jit(jnp.dot), a, b)
