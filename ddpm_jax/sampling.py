@@ -120,6 +120,23 @@ def interpolate(diffusion: GaussianDiffusion, model_fn: ModelFn, x1, x2, rng, *,
 
 # === The --mode=sample job ===
 
+def jit_sampler(config, mesh: Mesh):
+  """jit of (params, rng, batch) -> `p_sample_loop` samples [batch, H, W, C] in [-1, 1].
+
+  The model and sampling settings of `config`; `batch` is static and must divide by the device
+  count: the samples are sharded over the mesh's `data` axis.
+  """
+  model, diffusion = unet.create_model(config), diffusion_lib.from_config(config)
+  d = config.data
+
+  @functools.partial(jax.jit, static_argnums=2, out_shardings=parallel.data_sharding(mesh))
+  def sample(params, rng, batch):
+    model_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
+    return p_sample_loop(diffusion, model_fn, (batch, d.image_size, d.image_size, d.channels),
+                         rng, clip_denoised=config.sampling.clip_denoised, mesh=mesh)
+  return sample
+
+
 class Inference:
   """What sampling and evaluation need from a workdir: the model, its EMA weights, the mesh."""
 
@@ -136,6 +153,7 @@ class Inference:
     self.step, params = checkpointing.restore_ema_params(
         workdir, template['params'], None if step is None or step < 0 else step)
     self.params = parallel.replicate(self.mesh, params)
+    self._sample_jit = jit_sampler(config, self.mesh)
 
   def model_fn(self, params) -> ModelFn:
     return lambda x, t: self.model.apply({'params': params}, x, t, train=False)
@@ -143,15 +161,6 @@ class Inference:
   def padded(self, n: int) -> int:
     """n rounded up to a multiple of the device count (the padding is dropped afterwards)."""
     return -(-n // self.mesh.size) * self.mesh.size
-
-  @functools.cached_property
-  def _sample_jit(self):
-    @functools.partial(jax.jit, static_argnums=2,
-                       out_shardings=parallel.data_sharding(self.mesh))
-    def sample(params, rng, batch):
-      return p_sample_loop(self.diffusion, self.model_fn(params), (batch,) + self.image_shape,
-                           rng, clip_denoised=self.config.sampling.clip_denoised, mesh=self.mesh)
-    return sample
 
   def sample(self, rng, n: int) -> np.ndarray:
     """n samples as uint8 [n, H, W, C] on the host (every process gets all of them)."""

@@ -142,24 +142,6 @@ def _raise_if_diverged(history: list[tuple[int, dict]], last_good_step: Optional
                               f'{metrics["grad_norm"]}', step, last_good_step)
 
 
-def _jit_sample_grid(config, mesh: Mesh):
-  """(ema_params, rng) -> EMA samples [n, H, W, C] in [-1, 1], sharded over `data`.
-
-  n is training.num_grid_samples rounded up to a multiple of the device count.
-  """
-  model, diffusion = unet.create_model(config), diffusion_lib.from_config(config)
-  d = config.data
-  num_samples = -(-config.training.num_grid_samples // mesh.size) * mesh.size
-  shape = (num_samples, d.image_size, d.image_size, d.channels)
-
-  @functools.partial(jax.jit, out_shardings=parallel.data_sharding(mesh))
-  def sample(ema_params, rng):
-    model_fn = lambda x, t: model.apply({'params': ema_params}, x, t, train=False)
-    return sampling.p_sample_loop(diffusion, model_fn, shape, rng,
-                                  clip_denoised=config.sampling.clip_denoised, mesh=mesh)
-  return sample
-
-
 def train_and_evaluate(config, workdir, *, mesh: Optional[Mesh] = None,
                        create_train_iterator: TrainIteratorFn = input_pipeline.create_train_iterator
                        ) -> TrainState:
@@ -198,8 +180,10 @@ def _compile_on_every_process(config, mesh: Mesh, state: TrainState, grid_rng):
       sharding=parallel.data_sharding(mesh))}
   train_step_fn = jit_train_step(config, mesh).lower(state, batch).compile()
   sample_grid_fn = None
-  if config.training.sample_every > 0:
-    sample_grid_fn = _jit_sample_grid(config, mesh).lower(state.ema_params, grid_rng).compile()
+  if config.training.sample_every > 0:  # num_grid_samples, rounded up to fill every device
+    num_samples = -(-config.training.num_grid_samples // mesh.size) * mesh.size
+    sample_grid_fn = sampling.jit_sampler(config, mesh).lower(
+        state.ema_params, grid_rng, num_samples).compile()
   ocp.multihost.get_barrier_sync_fn()(key=f'ddpm_jax_compiled_{int(state.step)}',
                                       timeout_ms=3_600_000)
   return train_step_fn, sample_grid_fn
