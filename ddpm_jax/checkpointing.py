@@ -177,30 +177,26 @@ def _host_restore(metadata: PyTree, *, partial: bool = False) -> ocp.args.PyTree
 def _restore_read_only(workdir, step: Optional[int], args_fn, check) -> tuple[int, PyTree]:
   """(step, tree) of step `step`, or of the newest readable step if None; nothing is moved."""
   with _reader(workdir) as manager:
-    return _restore_from(manager, workdir, step, args_fn, check)
-
-
-def _restore_from(manager, workdir, step: Optional[int], args_fn, check) -> tuple[int, PyTree]:
-  steps = manager.all_steps()
-  if not steps:
-    raise UserError(f'No checkpoint in {checkpoint_dir(workdir)}; train first with '
-                    f'--mode=train --workdir={workdir}.')
-  if step is None:
-    found, tree, unreadable = _restore_newest_readable(manager, args_fn, check)
-    for bad_step, error in unreadable:
-      logging.warning('The checkpoint at step %d in %s is damaged (%s); using step %d.',
-                      bad_step, checkpoint_dir(workdir), _one_line(error), found)
-    return found, tree
-  if step not in steps:
-    raise UserError(f'No checkpoint at step {step} in {checkpoint_dir(workdir)}; the steps there '
-                    f'are {", ".join(map(str, steps))}.')
-  try:
-    return step, _restore_step(manager, step, args_fn, check)
-  except UserError:
-    raise
-  except Exception as error:  # pylint: disable=broad-except  (any failure to read)
-    raise UserError(f'The checkpoint at step {step} in {checkpoint_dir(workdir)} cannot be read '
-                    f'({_one_line(error)}); choose another step.') from error
+    steps = manager.all_steps()
+    if not steps:
+      raise UserError(f'No checkpoint in {checkpoint_dir(workdir)}; train first with '
+                      f'--mode=train --workdir={workdir}.')
+    if step is None:
+      found, tree, unreadable = _restore_newest_readable(manager, args_fn, check)
+      for bad_step, error in unreadable:
+        logging.warning('The checkpoint at step %d in %s is damaged (%s); using step %d.',
+                        bad_step, checkpoint_dir(workdir), _one_line(error), found)
+      return found, tree
+    if step not in steps:
+      raise UserError(f'No checkpoint at step {step} in {checkpoint_dir(workdir)}; the steps there '
+                      f'are {", ".join(map(str, steps))}.')
+    try:
+      return step, _restore_step(manager, step, args_fn, check)
+    except UserError:
+      raise
+    except Exception as error:  # pylint: disable=broad-except  (any failure to read)
+      raise UserError(f'The checkpoint at step {step} in {checkpoint_dir(workdir)} cannot be read '
+                      f'({_one_line(error)}); choose another step.') from error
 
 
 def restore_state_dict(workdir, step: Optional[int] = None) -> dict:
