@@ -1,5 +1,6 @@
 """Shared test setup: CPU only, 8 host devices, no network."""
 import os
+import pathlib
 import sys
 import tempfile
 
@@ -16,6 +17,21 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)  # so `configs.<name>` imports in tests
+
+
+def tiny_train_command(workdir, overrides: dict, *flags: str) -> list[str]:
+  """`python -m ddpm_jax.main --mode=train` on a tiny digits U-Net, with config `overrides`."""
+  config = {'model.ch': 32, 'model.ch_mult': '(1,2)', 'model.num_res_blocks': 1,
+            'diffusion.num_timesteps': 20, 'training.batch_size': 16,
+            'training.log_every': 2, 'training.checkpoint_every': 4, **overrides}
+  return [sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py',
+          f'--workdir={workdir}', '--mode=train', *flags,
+          *(f'--config.{name}={value}' for name, value in config.items())]
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """The steps saved in WORKDIR/checkpoints, oldest first."""
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').iterdir())
 
 
 def pytest_configure(config):

@@ -5,17 +5,15 @@ import pathlib
 import re
 import signal
 import subprocess
-import sys
 
 import flax.serialization
 import jax
 import numpy as np
 import pytest
-from etils import epath
 
 from ddpm_jax import checkpointing, train
 from ddpm_jax.errors import UserError
-from tests.conftest import ROOT, tiny_digits_config
+from tests.conftest import ROOT, checkpoint_steps, tiny_digits_config, tiny_train_command
 
 
 
@@ -105,21 +103,12 @@ def test_a_damaged_latest_checkpoint_falls_back_and_is_kept(tmp_path, caplog, ho
 
 
 def _main_command(workdir, num_train_steps: int) -> list[str]:
-  overrides = {'model.ch': 32, 'model.ch_mult': '(1,2)', 'model.num_res_blocks': 1,
-               'diffusion.num_timesteps': 20, 'training.batch_size': 16,
-               'training.num_train_steps': num_train_steps, 'training.log_every': 2,
-               'training.checkpoint_every': 4, 'optim.warmup_steps': 4}
-  return [sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py',
-          f'--workdir={workdir}', '--mode=train',
-          *(f'--config.{name}={value}' for name, value in overrides.items())]
+  return tiny_train_command(workdir, {'training.num_train_steps': num_train_steps,
+                                      'optim.warmup_steps': 4})
 
 
 def _environment() -> dict:
   return dict(os.environ, PYTHONPATH=ROOT)
-
-
-def _steps(workdir) -> list[int]:
-  return sorted(int(p.name) for p in (epath.Path(workdir) / 'checkpoints').iterdir())
 
 
 @pytest.mark.slow
@@ -136,10 +125,10 @@ def test_sigterm_saves_the_current_step_exits_0_and_a_rerun_resumes(tmp_path):
   log = ''.join(seen)
   assert process.returncode == 0, log[-3000:]
   preempted_at = int(re.search(r'Preempted: saved the checkpoint at step (\d+)', log).group(1))
-  assert _steps(tmp_path)[-1] == preempted_at > 4
+  assert checkpoint_steps(tmp_path)[-1] == preempted_at > 4
 
   rerun = subprocess.run(_main_command(tmp_path, preempted_at + 2), cwd=ROOT, env=_environment(),
                          stderr=subprocess.PIPE, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f'Resuming from the checkpoint at step {preempted_at}.' in rerun.stderr
-  assert _steps(tmp_path)[-1] == preempted_at + 2
+  assert checkpoint_steps(tmp_path)[-1] == preempted_at + 2

@@ -4,13 +4,12 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
 from ddpm_jax import checkpointing
-from tests.conftest import ROOT
+from tests.conftest import ROOT, checkpoint_steps, tiny_train_command
 
 ENV = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
            JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
@@ -24,17 +23,12 @@ def _free_port() -> int:
 
 def _start_two_processes(workdir, log_dir, **overrides) -> list[subprocess.Popen]:
   """`python -m ddpm_jax.main` as processes 0 and 1 of a job; stderr in log_dir/<i>.log."""
-  config = {'model.ch': 32, 'model.ch_mult': '(1,2)', 'model.num_res_blocks': 1,
-            'diffusion.num_timesteps': 20, 'training.batch_size': 16,
-            'training.log_every': 2, 'training.checkpoint_every': 4, 'optim.warmup_steps': 2,
-            **overrides}
   port = _free_port()
   processes = []
   for i in range(2):
-    command = [sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py',
-               f'--workdir={workdir}', '--mode=train',
-               f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-               f'--process_id={i}', *(f'--config.{k}={v}' for k, v in config.items())]
+    command = tiny_train_command(
+        workdir, {'optim.warmup_steps': 2, **overrides},
+        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}')
     with open(log_dir / f'{i}.log', 'w') as log:
       processes.append(subprocess.Popen(command, cwd=ROOT, env=ENV, stderr=log))
   return processes
@@ -54,10 +48,6 @@ def _wait(processes, log_dir) -> list[str]:
   return logs
 
 
-def _steps(workdir) -> list[int]:
-  return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir())
-
-
 @pytest.mark.slow
 def test_two_processes_train_together_and_write_one_checkpoint(tmp_path):
   workdir = tmp_path / 'workdir'
@@ -66,7 +56,7 @@ def test_two_processes_train_together_and_write_one_checkpoint(tmp_path):
       'training.num_grid_samples': 6}), tmp_path)
   assert 'JAX process 0 of 2, 2 local and 4 global devices.' in logs[0]
   assert 'JAX process 1 of 2, 2 local and 4 global devices.' in logs[1]
-  assert _steps(workdir) == [4]
+  assert checkpoint_steps(workdir) == [4]
   assert int(checkpointing.restore_state_dict(str(workdir))['step']) == 4
   events = list(workdir.glob('events.out.tfevents.*'))
   assert len(events) == 1  # only process 0 writes summaries
@@ -86,4 +76,4 @@ def test_sigterm_to_both_processes_saves_one_step_and_exits_0(tmp_path):
   logs = _wait(processes, tmp_path)
   saved = [int(re.search(r'Preempted: saved the checkpoint at step (\d+)', log).group(1))
            for log in logs]
-  assert saved[0] == saved[1] == _steps(workdir)[-1] > 4
+  assert saved[0] == saved[1] == checkpoint_steps(workdir)[-1] > 4
