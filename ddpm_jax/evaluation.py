@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax import images, input_pipeline, parallel, sampling
+from ddpm_jax import images, inference as inference_lib, input_pipeline, parallel
 from ddpm_jax.errors import UserError
 
 
@@ -37,7 +37,7 @@ def _read_json(path: epath.Path):
 
 # === Bits/dim ===
 
-def _bpd_fn(inference: sampling.Inference):
+def _bpd_fn(inference: inference_lib.Inference):
   """Jitted (params, images, mask, rng) -> masked sums over the batch of the bound's parts."""
   @jax.jit
   def fn(params, x, mask, rng):
@@ -49,7 +49,7 @@ def _bpd_fn(inference: sampling.Inference):
   return fn
 
 
-def bits_per_dim(inference: sampling.Inference, split: str, num_images: int, *,
+def bits_per_dim(inference: inference_lib.Inference, split: str, num_images: int, *,
                  batch_size: int, progress_path: epath.Path) -> dict:
   """Means over `num_images` images of `split`: total, prior, per-t terms, per-t x0 MSE.
 
@@ -228,7 +228,7 @@ def digits_metrics(config, samples: np.ndarray) -> dict:
 def evaluate(config, workdir, *, mesh=None) -> dict:
   """--mode=eval: writes WORKDIR/eval/<step>.json and the rate-distortion JSON and PNG."""
   e = config.eval
-  inference = sampling.Inference(config, workdir, step=config.sampling.step, mesh=mesh)
+  inference = inference_lib.Inference(config, workdir, step=config.sampling.step, mesh=mesh)
   step = inference.step
   eval_dir = epath.Path(workdir) / 'eval'
   metrics = {'step': step}
@@ -249,14 +249,14 @@ def evaluate(config, workdir, *, mesh=None) -> dict:
               rd, eval_dir / f'rate_distortion_{step}.png')
     logging.info('bits/dim: test %.4f, train %.4f.', metrics['bpd_test'], metrics['bpd_train'])
   if config.data.dataset == 'digits':
-    npz = sampling.generate(inference, workdir, name=f'{config.sampling.name}_{step}',
+    npz = inference_lib.generate(inference, workdir, name=f'{config.sampling.name}_{step}',
                             num_samples=config.sampling.num_samples,
                             batch_size=config.sampling.batch_size, seed=config.seed)
-    metrics['digits'] = digits_metrics(config, sampling.read_samples(npz))
+    metrics['digits'] = digits_metrics(config, inference_lib.read_samples(npz))
   elif e.num_samples > 0:
-    npz = sampling.generate(inference, workdir, name=f'fid_{step}', num_samples=e.num_samples,
+    npz = inference_lib.generate(inference, workdir, name=f'fid_{step}', num_samples=e.num_samples,
                             batch_size=config.sampling.batch_size, seed=config.seed + 1)
-    metrics.update(fid_metrics(config, sampling.read_samples(npz)))
+    metrics.update(fid_metrics(config, inference_lib.read_samples(npz)))
   metrics['eval_seconds'] = time.time() - start
   out['metrics_json'] = str(eval_dir / f'{step}.json')
   if jax.process_index() == 0:

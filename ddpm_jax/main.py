@@ -15,7 +15,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import evaluation, parallel, sampling, train
+from ddpm_jax import evaluation, parallel, sample_job, train
 from ddpm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -38,7 +38,7 @@ def run(config, workdir: str, mode: str) -> None:
     if int(state.step) < config.training.num_train_steps:
       return  # preempted: the checkpoint is saved; a rerun resumes
   if mode in ('sample', 'all'):
-    sample_paths = sampling.sample_from_workdir(config, workdir)
+    sample_paths = sample_job.sample_from_workdir(config, workdir)
   if mode in ('eval', 'all'):
     eval_paths = evaluation.evaluate(config, workdir)
   if mode == 'all' and jax.process_index() == 0:

@@ -3,21 +3,17 @@
 The pure samplers take any `model_fn(x, t)` and trace it once; jit them (or call them inside a
 jitted function) to get one compiled loop over the T steps, not T dispatches. The noise for step t
 is drawn from `fold_in(rng, t)` for the whole global batch, so samples depend on the seed, never
-on the device count. `sample_from_workdir` is the `--mode=sample` job.
+on the device count. Nothing here touches files: `inference.py` loads a workdir's model and keeps
+its samples, `sample_job.py` is the `--mode=sample` job.
 """
 import functools
-import io
-import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from absl import logging
-from etils import epath
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpointing, diffusion as diffusion_lib, images, parallel, unet
+from ddpm_jax import diffusion as diffusion_lib, parallel, unet
 from ddpm_jax.diffusion import GaussianDiffusion, ModelFn
 from ddpm_jax.errors import UserError
 
@@ -118,8 +114,6 @@ def interpolate(diffusion: GaussianDiffusion, model_fn: ModelFn, x1, x2, rng, *,
   return x_0.reshape((batch, num_lambdas) + x1.shape[1:])
 
 
-# === The --mode=sample job ===
-
 def jit_sampler(config, mesh: Mesh):
   """jit of (params, rng, batch) -> `p_sample_loop` samples [batch, H, W, C] in [-1, 1].
 
@@ -135,157 +129,3 @@ def jit_sampler(config, mesh: Mesh):
     return p_sample_loop(diffusion, model_fn, (batch, d.image_size, d.image_size, d.channels),
                          rng, clip_denoised=config.sampling.clip_denoised, mesh=mesh)
   return sample
-
-
-class Inference:
-  """What sampling and evaluation need from a workdir: the model, its EMA weights, the mesh."""
-
-  def __init__(self, config, workdir, *, step: Optional[int] = None,
-               mesh: Optional[Mesh] = None):
-    self.config = config
-    self.mesh = mesh or parallel.make_mesh()
-    self.model = unet.create_model(config)
-    self.diffusion = diffusion_lib.from_config(config)
-    size, channels = config.data.image_size, config.data.channels
-    self.image_shape = (size, size, channels)
-    template = jax.eval_shape(lambda: self.model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1,) + self.image_shape), jnp.zeros((1,), jnp.int32)))
-    self.step, params = checkpointing.restore_ema_params(
-        workdir, template['params'], None if step is None or step < 0 else step)
-    self.params = parallel.replicate(self.mesh, params)
-    self._sample_jit = jit_sampler(config, self.mesh)
-
-  def model_fn(self, params) -> ModelFn:
-    return lambda x, t: self.model.apply({'params': params}, x, t, train=False)
-
-  def padded(self, n: int) -> int:
-    """n rounded up to a multiple of the device count (the padding is dropped afterwards)."""
-    return -(-n // self.mesh.size) * self.mesh.size
-
-  def sample(self, rng, n: int) -> np.ndarray:
-    """n samples as uint8 [n, H, W, C] on the host (every process gets all of them)."""
-    x = self._sample_jit(self.params, rng, self.padded(n))
-    return images.to_uint8(parallel.to_host(x)[:n])
-
-
-def _write_npz(path: epath.Path, **arrays) -> None:
-  """Writes atomically (a temporary name, then a rename) so a preempted write is never read."""
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  tmp = path.parent / (path.name + '.tmp')
-  tmp.write_bytes(buffer.getvalue())
-  tmp.replace(path)
-
-
-def read_samples(path) -> np.ndarray:
-  """The uint8 [N, H, W, C] samples of an .npz written by `generate`."""
-  with epath.Path(path).open('rb') as f:
-    return np.load(io.BytesIO(f.read()))['samples']
-
-
-def generate(inference: Inference, workdir, *, name: str, num_samples: int, batch_size: int,
-             seed: int) -> epath.Path:
-  """Samples in chunks of `batch_size` to WORKDIR/samples/<name>.npz; resumes after preemption.
-
-  Chunk i is drawn from fold_in(seed, i) and written as it finishes, so a rerun continues
-  with the first missing chunk and gives the same samples as an uninterrupted run. Chunks are
-  kept apart per (num_samples, batch_size, seed): a rerun that changes one starts afresh.
-  """
-  if num_samples < 1:
-    raise UserError(f'sampling.num_samples must be at least 1, got {num_samples}.')
-  if batch_size < 1:
-    raise UserError(f'sampling.batch_size must be at least 1, got {batch_size}.')
-  out_dir = epath.Path(workdir) / 'samples'
-  final = out_dir / f'{name}.npz'
-  if final.exists() and len(read_samples(final)) == num_samples:
-    return final
-  chunk_dir = out_dir / f'{name}_chunks_n{num_samples}_b{batch_size}_s{seed}'
-  chunk_dir.mkdir(parents=True, exist_ok=True)
-  num_chunks = -(-num_samples // batch_size)
-  chunk_paths = [chunk_dir / f'chunk_{i:05d}_of_{num_chunks:05d}.npz' for i in range(num_chunks)]
-  done = parallel.agree_with_process_0(np.array([p.exists() for p in chunk_paths]))
-  rng = jax.random.PRNGKey(seed)
-  start = time.time()
-  for i in np.flatnonzero(~done):
-    n = min(batch_size, num_samples - i * batch_size)
-    chunk = inference.sample(jax.random.fold_in(rng, i), n)
-    if jax.process_index() == 0:
-      _write_npz(chunk_paths[i], samples=chunk)
-    logging.info('%s: chunk %d/%d (%d samples) done, %.1f s elapsed.', name, i + 1, num_chunks,
-                 n, time.time() - start)
-  if jax.process_index() == 0:
-    _write_npz(final, samples=np.concatenate([read_samples(p) for p in chunk_paths]))
-    chunk_dir.rmtree()
-  return final
-
-
-def _progressive_figure(inference: Inference, rng, *, num_images: int, every: int) -> np.ndarray:
-  """Fig. 6: a row per sample, pred_x0 from t = T - every down to 0, then the sample."""
-  batch = inference.padded(num_images)
-  fn = jax.jit(lambda params, rng: p_sample_loop_progressive(
-      inference.diffusion, inference.model_fn(params), (batch,) + inference.image_shape, rng,
-      every=every, clip_denoised=inference.config.sampling.clip_denoised, mesh=inference.mesh))
-  x_0, preds = fn(inference.params, rng)
-  preds = parallel.to_host(preds)[:num_images, ::-1]  # large t first
-  rows = np.concatenate([preds, parallel.to_host(x_0)[:num_images, None]], axis=1)
-  return images.image_grid(images.to_uint8(rows.reshape((-1,) + rows.shape[2:])),
-                           ncol=rows.shape[1])
-
-
-def _interpolation_figure(inference: Inference, rng, *, t: int, num_lambdas: int,
-                          num_pairs: int = 4) -> np.ndarray:
-  """Fig. 8: a row per pair of test images, lambda from 0 to 1, the sources at both ends."""
-  from ddpm_jax import input_pipeline
-  real = next(input_pipeline.create_eval_iterator(
-      inference.config, 'test', batch_size=inference.padded(2 * num_pairs),
-      num_images=2 * num_pairs))['image']
-  real = parallel.to_host(parallel.global_batch(inference.mesh, real))[:2 * num_pairs]
-  x1, x2 = real[:num_pairs], real[num_pairs:2 * num_pairs]
-  fn = jax.jit(lambda params, a, b, rng: interpolate(
-      inference.diffusion, inference.model_fn(params), a, b, rng, t=t, num_lambdas=num_lambdas,
-      clip_denoised=inference.config.sampling.clip_denoised))
-  mixed = np.asarray(fn(inference.params, x1, x2, rng))
-  rows = np.concatenate([x1[:, None], mixed, x2[:, None]], axis=1)
-  return images.image_grid(images.to_uint8(rows.reshape((-1,) + rows.shape[2:])),
-                           ncol=rows.shape[1])
-
-
-def _upscale(image_size: int) -> int:
-  return max(1, 64 // image_size)
-
-
-def sample_from_workdir(config, workdir, *, mesh: Optional[Mesh] = None) -> dict:
-  """--mode=sample: samples of the EMA model of a checkpoint, as .npz and a PNG grid.
-
-  Writes WORKDIR/samples/<name>_<step>.npz (key `samples`, uint8 [N, H, W, C]) and a grid
-  PNG beside it; with sampling.progressive_every or sampling.interpolate_t, also the paper's
-  Fig. 6 and Fig. 8 as PNGs. Returns the paths.
-  """
-  s = config.sampling
-  inference = Inference(config, workdir, step=s.step, mesh=mesh)
-  name = f'{s.name}_{inference.step}'
-  logging.info('Sampling %d images from the EMA weights of step %d on %d devices.',
-               s.num_samples, inference.step, inference.mesh.size)
-  npz = generate(inference, workdir, name=name, num_samples=s.num_samples,
-                 batch_size=s.batch_size, seed=config.seed)
-  out = {'samples_npz': str(npz)}
-  if jax.process_index() == 0:
-    grid = images.image_grid(read_samples(npz)[:100], ncol=10)
-    out['grid_png'] = images.save_png(npz.parent / f'{name}.png', grid,
-                                      upscale=_upscale(config.data.image_size))
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1 << 20)
-  if s.progressive_every > 0:
-    figure = _progressive_figure(inference, rng, num_images=min(s.num_samples, 8),
-                                 every=s.progressive_every)
-    if jax.process_index() == 0:
-      out['progressive_png'] = images.save_png(npz.parent / f'{name}_progressive.png', figure,
-                                               upscale=_upscale(config.data.image_size))
-  if s.interpolate_t > 0:
-    figure = _interpolation_figure(inference, rng, t=s.interpolate_t,
-                                   num_lambdas=s.interpolate_lambdas)
-    if jax.process_index() == 0:
-      out['interpolation_png'] = images.save_png(npz.parent / f'{name}_interpolation.png',
-                                                 figure, upscale=_upscale(config.data.image_size))
-  for key, path in out.items():
-    logging.info('Wrote %s: %s', key, path)
-  return out

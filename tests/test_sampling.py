@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from ddpm_jax import diffusion as diff, sampling
+from ddpm_jax import diffusion as diff, inference as inference_lib, sample_job, sampling
 from ddpm_jax.errors import UserError
 from tests.conftest import tiny_digits_config
 
@@ -29,8 +29,8 @@ def test_the_sampler_is_one_compiled_loop():
 
 def test_samples_do_not_depend_on_the_device_count(trained_digits):
   config, workdir = trained_digits
-  one = sampling.Inference(config, workdir, mesh=jax.sharding.Mesh(jax.devices()[:1], ('data',)))
-  eight = sampling.Inference(config, workdir)
+  one = inference_lib.Inference(config, workdir, mesh=jax.sharding.Mesh(jax.devices()[:1], ('data',)))
+  eight = inference_lib.Inference(config, workdir)
   assert eight.mesh.size == 8
   rng = jax.random.PRNGKey(5)
   a, b = one.sample(rng, 11), eight.sample(rng, 11)  # 11: divisible by neither
@@ -44,15 +44,15 @@ def test_sample_job_writes_npz_and_png_and_resumes(trained_digits, tmp_path):
   config.sampling.progressive_every = 10
   config.sampling.interpolate_t = 3
   config.sampling.interpolate_lambdas = 5
-  out = sampling.sample_from_workdir(config, workdir)
-  samples = sampling.read_samples(out['samples_npz'])
+  out = sample_job.sample_from_workdir(config, workdir)
+  samples = inference_lib.read_samples(out['samples_npz'])
   assert samples.shape == (10, 8, 8, 1) and samples.dtype == np.uint8
   assert samples.std() > 0
   for key in ('grid_png', 'progressive_png', 'interpolation_png'):
     assert epath.Path(out[key]).exists()
 
   # Preempted after the first chunk: the rerun samples only the rest, with the same result.
-  inference = sampling.Inference(config, workdir)
+  inference = inference_lib.Inference(config, workdir)
   calls = []
   original = inference.sample
 
@@ -64,18 +64,18 @@ def test_sample_job_writes_npz_and_png_and_resumes(trained_digits, tmp_path):
 
   inference.sample = preempted
   with pytest.raises(KeyboardInterrupt):
-    sampling.generate(inference, str(tmp_path), name='s', num_samples=10, batch_size=4,
+    inference_lib.generate(inference, str(tmp_path), name='s', num_samples=10, batch_size=4,
                       seed=config.seed)
   inference.sample = lambda rng, n: calls.append(n) or original(rng, n)
-  path = sampling.generate(inference, str(tmp_path), name='s', num_samples=10, batch_size=4,
+  path = inference_lib.generate(inference, str(tmp_path), name='s', num_samples=10, batch_size=4,
                            seed=config.seed)
   assert calls == [4, 4, 2]
-  np.testing.assert_array_equal(sampling.read_samples(path), samples)
+  np.testing.assert_array_equal(inference_lib.read_samples(path), samples)
 
 
 def test_progressive_and_interpolation_shapes(trained_digits):
   config, workdir = trained_digits
-  inference = sampling.Inference(config, workdir)
+  inference = inference_lib.Inference(config, workdir)
   model_fn = inference.model_fn(inference.params)
   d = inference.diffusion
   x_0, preds = jax.jit(lambda rng: sampling.p_sample_loop_progressive(
@@ -99,12 +99,12 @@ def test_progressive_and_interpolation_shapes(trained_digits):
 def test_bad_input_is_one_clear_sentence(trained_digits, tmp_path):
   config, workdir = trained_digits
   with pytest.raises(UserError, match='train first'):
-    sampling.sample_from_workdir(config, str(tmp_path))
+    sample_job.sample_from_workdir(config, str(tmp_path))
   other = tiny_digits_config()
   other.model.ch = 64
   with pytest.raises(UserError, match='different config'):
-    sampling.sample_from_workdir(other, workdir)
+    sample_job.sample_from_workdir(other, workdir)
   config = copy.deepcopy(config)
   config.sampling.num_samples = 0
   with pytest.raises(UserError, match='num_samples must be at least 1'):
-    sampling.sample_from_workdir(config, workdir)
+    sample_job.sample_from_workdir(config, workdir)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from ddpm_jax import evaluation, sampling, train
+from ddpm_jax import evaluation, inference, sample_job, train
 from ddpm_jax.errors import UserError
 from tests.conftest import tiny_digits_config
 
@@ -42,8 +42,8 @@ def test_a_relative_workdir_trains_samples_and_evaluates(tmp_path, monkeypatch):
   assert [p.name for p in (workdir / 'checkpoints').iterdir()] == [str(NUM_TRAIN_STEPS)]
   assert list(workdir.glob('events.out.tfevents.*'))
 
-  out = sampling.sample_from_workdir(config, pathlib.Path('workdir'))
-  samples = sampling.read_samples(workdir / 'samples' / f'samples_{NUM_TRAIN_STEPS}.npz')
+  out = sample_job.sample_from_workdir(config, pathlib.Path('workdir'))
+  samples = inference.read_samples(workdir / 'samples' / f'samples_{NUM_TRAIN_STEPS}.npz')
   assert samples.shape == (4, 8, 8, 1) and samples.dtype == np.uint8
   assert epath.Path(out['grid_png']).exists()
 
@@ -58,6 +58,6 @@ def test_a_relative_workdir_trains_samples_and_evaluates(tmp_path, monkeypatch):
                                      's3://ddpm-jax-test/workdir'])
 def test_a_workdir_orbax_cannot_write_to_is_one_clear_error(workdir):
   config = tiny_config()
-  for job in (train.train_and_evaluate, sampling.sample_from_workdir, evaluation.evaluate):
+  for job in (train.train_and_evaluate, sample_job.sample_from_workdir, evaluation.evaluate):
     with pytest.raises(UserError, match='gs://'):
       job(config, workdir)
