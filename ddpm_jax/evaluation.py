@@ -163,11 +163,11 @@ def _reference_statistics(config, split: str, inception_params, batch_size: int)
 
 def fid_metrics(config, samples: np.ndarray) -> dict:
   """FID against the train and test sets, KID against train, IS when the logits exist."""
-  from ddpm_jax import fid
+  from ddpm_jax import fid, inception_weights
   if config.data.channels != 3:
     raise UserError(f'FID needs RGB images, but {config.data.dataset} has '
                     f'{config.data.channels} channel(s); set --config.eval.num_samples=0.')
-  params, has_logits = fid.load_inception_params(config.eval.pt_inception_path)
+  params, has_logits = inception_weights.load_inception_params(config.eval.pt_inception_path)
   batch_size = config.eval.inception_batch_size
   feats = fid.inception_features(samples, batch_size=batch_size, params=params)
   mu, sigma = fid.feature_statistics(feats['pool3'])
@@ -183,8 +183,8 @@ def fid_metrics(config, samples: np.ndarray) -> dict:
   if has_logits:
     out['is'], out['is_std'] = map(float, fid.inception_score(feats['logits']))
   else:
-    logging.warning('No Inception Score: %s.', fid.LOGITS_MISSING)
-    out['is_missing'] = fid.LOGITS_MISSING
+    logging.warning('No Inception Score: %s.', inception_weights.LOGITS_MISSING)
+    out['is_missing'] = inception_weights.LOGITS_MISSING
   return out
 
 

