@@ -43,6 +43,9 @@ _UPLOAD_HOST = 'http://www.googleapis.com'  # resumable uploads' Location: via t
 _CLOSED_PORT = '127.0.0.1:9'  # a metadata-server lookup, if a library tried one, stays local
 
 
+_open_direct = urllib.request.build_opener(urllib.request.ProxyHandler({})).open  # no proxy
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -139,8 +142,8 @@ class GoogleProxy(socketserver.ThreadingMixIn, http.server.HTTPServer):
   """An HTTPS proxy on 127.0.0.1 whose only destinations are GOOGLE_HOSTS, served locally."""
   daemon_threads = True
 
-  def __init__(self, port: int, emulator_port: int, cert: str, key: str):
-    super().__init__(('127.0.0.1', port), _Forwarder)
+  def __init__(self, emulator_port: int, cert: str, key: str):
+    super().__init__(('127.0.0.1', 0), _Forwarder)
     self.emulator_port = emulator_port
     self.tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     self.tls_context.load_cert_chain(cert, key)
@@ -151,20 +154,19 @@ class LocalGcs:
 
   def __init__(self, directory: pathlib.Path, bucket: str):
     self.bucket = bucket
-    self.emulator_url = f'http://127.0.0.1:{free_port()}'
+    self._emulator_port = free_port()
+    self.emulator_url = f'http://127.0.0.1:{self._emulator_port}'
     self._directory = directory
     self._emulator = None
     self.cert, key = write_test_certificate(directory)
-    self._proxy = GoogleProxy(0, int(self.emulator_url.rsplit(':', 1)[1]),
-                              self.cert, key)
+    self._proxy = GoogleProxy(self._emulator_port, self.cert, key)
     self.proxy_url = f'http://127.0.0.1:{self._proxy.server_address[1]}'
 
   def start(self) -> None:
-    port = self.emulator_url.rsplit(':', 1)[1]
     with open(self._directory / 'fake-gcs-server.log', 'wb') as log:
       self._emulator = subprocess.Popen(  # pylint: disable=consider-using-with
           [str(fake_gcs_server._get_binary_path()),  # pylint: disable=protected-access
-           '-scheme', 'http', '-host', '127.0.0.1', '-port', port, '-backend', 'memory',
+           '-scheme', 'http', '-host', '127.0.0.1', '-port', str(self._emulator_port), '-backend', 'memory',
            '-external-url', _UPLOAD_HOST, '-log-level', 'warn'],
           stdout=log, stderr=subprocess.STDOUT)
     self._create_bucket()
@@ -177,7 +179,7 @@ class LocalGcs:
     deadline = time.monotonic() + timeout_s
     while True:
       try:
-        urllib.request.urlopen(request, timeout=5).close()
+        _open_direct(request, timeout=5).close()
         return
       except OSError:
         if time.monotonic() > deadline or self._emulator.poll() is not None:
@@ -191,8 +193,7 @@ class LocalGcs:
     self._emulator.wait(timeout=10)
 
   def environment(self) -> dict[str, str]:
-    """Variables that send TensorStore's, google-cloud-storage's and TensorFlow's GCS clients
-    here and nowhere else."""
+    """The variables that send every GCS client of a job here, and nowhere else."""
     return {
         'TENSORSTORE_GCS_HTTP_URL': self.emulator_url,
         'STORAGE_EMULATOR_HOST': self.emulator_url,
@@ -212,7 +213,7 @@ class LocalGcs:
     while True:
       query = urllib.parse.urlencode({'prefix': prefix, 'pageToken': token})
       url = f'{self.emulator_url}/storage/v1/b/{self.bucket}/o?{query}'
-      with urllib.request.urlopen(url, timeout=30) as response:
+      with _open_direct(url, timeout=30) as response:
         page = json.load(response)
       names += [item['name'] for item in page.get('items', [])]
       if not (token := page.get('nextPageToken')):
@@ -221,7 +222,7 @@ class LocalGcs:
   def read(self, name: str) -> bytes:
     quoted = urllib.parse.quote(name, safe='')
     url = f'{self.emulator_url}/storage/v1/b/{self.bucket}/o/{quoted}?alt=media'
-    with urllib.request.urlopen(url, timeout=30) as response:
+    with _open_direct(url, timeout=30) as response:
       return response.read()
 
 
