@@ -38,10 +38,16 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
     else:
       logging.info('Process %d of %d: joining the coordinator at %s (up to %d s).', process_id,
                    num_processes, coordinator_address, timeout_s)
-    with _exit_unless_joined_within(timeout_s, coordinator_address, num_processes):
-      jax.distributed.initialize(coordinator_address=coordinator_address,
-                                 num_processes=num_processes, process_id=process_id,
-                                 initialization_timeout=timeout_s + _JAX_TIMEOUT_MARGIN_S)
+    try:
+      with _exit_unless_joined_within(timeout_s, coordinator_address, num_processes):
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id,
+                                   initialization_timeout=timeout_s + _JAX_TIMEOUT_MARGIN_S)
+    except jax.errors.JaxRuntimeError as error:  # e.g. process 0 cannot listen on the port
+      check = ('that its port is free on this host (process 0 serves it)' if process_id == 0
+               else 'the address')
+      _exit_with(f'JAX\'s multi-process runtime did not start with the coordinator at '
+                 f'{coordinator_address} ({" ".join(str(error).split())}); check {check}.')
   elif num_processes or process_id != -1:
     given = [f'--num_processes={num_processes}'] * bool(num_processes) + [
         f'--process_id={process_id}'] * (process_id != -1)
@@ -95,14 +101,19 @@ def _not_joined_message(timeout_s: int, address: str, num_processes: int) -> str
           f'--num_processes={num_processes} and its own --process_id in 0..{num_processes - 1}.')
 
 
+def _exit_with(message: str) -> None:
+  """Prints `message` and exits with status 1 at once, as a UserError would, but without
+  Python's shutdown: the main thread may be inside JAX's C++ connect, and a runtime that failed
+  to start can crash the interpreter's exit (a segfault)."""
+  print(message, file=sys.stderr, flush=True)
+  os._exit(1)
+
+
 @contextlib.contextmanager
 def _exit_unless_joined_within(timeout_s: int, address: str, num_processes: int):
   """Prints the sentence and exits with status 1 if the block runs longer than `timeout_s`."""
-  def give_up():
-    print(_not_joined_message(timeout_s, address, num_processes), file=sys.stderr, flush=True)
-    os._exit(1)  # the main thread is inside JAX's C++ connect: sys.exit would wait on it
-
-  timer = threading.Timer(timeout_s, give_up)
+  timer = threading.Timer(
+      timeout_s, lambda: _exit_with(_not_joined_message(timeout_s, address, num_processes)))
   timer.daemon = True
   timer.start()
   try:

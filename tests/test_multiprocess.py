@@ -90,16 +90,20 @@ def _start_alone(tmp_path, process_id: int, port: int) -> subprocess.Popen:
 
 
 def test_a_missing_coordinator_or_peer_exits_1_with_a_sentence_within_the_timeout(tmp_path):
-  """Process 1 with nothing at the address; process 0 whose peer never comes (both at once)."""
+  """Process 1 with nothing at the address; process 0 whose peer never comes; process 0 on a
+  port that is taken (all three at once)."""
   start = time.time()
-  unreachable, lonely = _start_alone(tmp_path, 1, _free_port()), _start_alone(tmp_path, 0,
-                                                                              _free_port())
-  outputs = [p.communicate(timeout=120) for p in (unreachable, lonely)]
+  with socket.socket() as taken:
+    taken.bind(('0.0.0.0', 0))
+    taken.listen()
+    processes = [_start_alone(tmp_path, 1, _free_port()), _start_alone(tmp_path, 0, _free_port()),
+                 _start_alone(tmp_path, 0, taken.getsockname()[1])]
+    outputs = [p.communicate(timeout=120) for p in processes]
   assert time.time() - start < 90  # JAX alone waits 300 s, then aborts with status 134
-  for process, (_, stderr) in zip((unreachable, lonely), outputs):
+  for process, (_, stderr) in zip(processes, outputs):
     assert process.returncode == 1, stderr[-2000:]
     assert 'Traceback' not in stderr and 'Check failure' not in stderr, stderr[-2000:]
-  unreachable_err, lonely_err = outputs[0][1], outputs[1][1]
+  unreachable_err, lonely_err, busy_err = (stderr for _, stderr in outputs)
   address = re.search(r'127\.0\.0\.1:\d+', unreachable_err).group(0)
   assert unreachable_err.strip().splitlines()[-1] == (
       f'Nothing answered at the coordinator address {address} within 3 s; start process 0 '
@@ -108,6 +112,8 @@ def test_a_missing_coordinator_or_peer_exits_1_with_a_sentence_within_the_timeou
   assert 'Process 0 of 2: waiting up to 3 s for the other 1 process(es) to join' in lonely_err
   assert lonely_err.strip().splitlines()[-1].startswith(
       'Not all 2 processes joined the coordinator at 127.0.0.1:')
+  assert busy_err.strip().splitlines()[-1].endswith(
+      'check that its port is free on this host (process 0 serves it).')
 
 
 @pytest.mark.parametrize('flags, sentence', [
