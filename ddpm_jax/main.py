@@ -3,6 +3,7 @@
   python -m ddpm_jax.main --config=configs/cifar10.py --workdir=DIR [--mode=train|sample|eval|all]
       [--config.training.batch_size=256 ...]
       [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]  # multi-process off TPU
+      [--coordinator_timeout=300]  # seconds to wait for every process to join, then exit 1
 
 A mistake the user can fix (a UserError, a config file that is missing or does not load) prints
 its message alone on stderr and exits with status 1.
@@ -28,6 +29,9 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', '',
                                    'HOST:PORT of process 0, for multi-process runs off TPU.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'With --coordinator_address.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'With --coordinator_address.')
+_COORDINATOR_TIMEOUT = flags.DEFINE_integer(
+    'coordinator_timeout', 300, 'Seconds to wait for every process to join (multi-process '
+    'runs); then exit with status 1 and a sentence saying what to check.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -50,7 +54,8 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only; JAX owns accelerators
-  parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                      timeout_s=_COORDINATOR_TIMEOUT.value)
   logging.info('JAX process %d of %d, %d local and %d global devices.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   workdir = _WORKDIR.value

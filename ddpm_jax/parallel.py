@@ -4,11 +4,16 @@ The same code runs on one CPU, eight TPU cores or a pod: arrays are global `jax.
 batch is sharded over `data` and the parameters are replicated; `jax.jit` inserts the
 collectives. Multi-process runs start with `initialize`.
 """
+import contextlib
 import os
+import socket
+import sys
+import threading
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddpm_jax.errors import UserError
@@ -16,16 +21,105 @@ from ddpm_jax.errors import UserError
 DATA_AXIS = 'data'
 
 
-def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1) -> None:
-  """Starts the multi-process runtime: from the flags off TPU, automatically on TPU pods."""
+def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1,
+               timeout_s: int = 300) -> None:
+  """Starts the multi-process runtime: from the flags off TPU, automatically on TPU pods.
+
+  Waits at most `timeout_s` for every process to join; then (or for inconsistent flags) it
+  exits with one sentence naming the coordinator and what to check, not JAX's abort.
+  """
+  if timeout_s < 1:
+    raise UserError(f'--coordinator_timeout={timeout_s} must be at least 1 (seconds).')
   if coordinator_address:
-    if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise UserError('With --coordinator_address, give --num_processes=N and '
-                      '--process_id=I with 0 <= I < N on every process.')
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    _check_process_flags(coordinator_address, num_processes, process_id)
+    if process_id == 0:
+      logging.info('Process 0 of %d: waiting up to %d s for the other %d process(es) to join '
+                   'at %s.', num_processes, timeout_s, num_processes - 1, coordinator_address)
+    else:
+      logging.info('Process %d of %d: joining the coordinator at %s (up to %d s).', process_id,
+                   num_processes, coordinator_address, timeout_s)
+    try:
+      with _exit_unless_joined_within(timeout_s, coordinator_address, num_processes):
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id,
+                                   initialization_timeout=timeout_s + _JAX_TIMEOUT_MARGIN_S)
+    except jax.errors.JaxRuntimeError as error:  # e.g. process 0 cannot listen on the port
+      check = ('that its port is free on this host (process 0 serves it)' if process_id == 0
+               else 'the address')
+      _exit_with(f'JAX\'s multi-process runtime did not start with the coordinator at '
+                 f'{coordinator_address} ({" ".join(str(error).split())}); check {check}.')
+  elif num_processes or process_id != -1:
+    given = [f'--num_processes={num_processes}'] * bool(num_processes) + [
+        f'--process_id={process_id}'] * (process_id != -1)
+    raise UserError(f'{" and ".join(given)} {"need" if len(given) > 1 else "needs"} '
+                    '--coordinator_address=HOST:PORT (process 0\'s host and a free port) on '
+                    'every process; on a TPU pod leave all three out.')
   elif _on_tpu_pod():
-    jax.distributed.initialize()  # the TPU metadata tells each worker its peers
+    with _exit_unless_joined_within(timeout_s, "the TPU pod's worker 0", 0):
+      jax.distributed.initialize(  # the TPU metadata tells each worker its peers
+          initialization_timeout=timeout_s + _JAX_TIMEOUT_MARGIN_S)
+
+
+# JAX's own deadline aborts the process (a C++ check failure); ours comes first and says why.
+_JAX_TIMEOUT_MARGIN_S = 60
+
+
+def _check_process_flags(coordinator_address: str, num_processes: int, process_id: int) -> None:
+  host, _, port = coordinator_address.rpartition(':')
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise UserError(f'--coordinator_address={coordinator_address} is not HOST:PORT; give '
+                    'process 0\'s host name or IP address and a free port, e.g. 10.0.0.2:8476.')
+  if num_processes < 1:
+    raise UserError(f'--num_processes={num_processes}: with --coordinator_address, give the '
+                    'number of processes (at least 1), the same on every process.')
+  if not 0 <= process_id < num_processes:
+    raise UserError(f'--process_id={process_id} is not in 0..{num_processes - 1} for '
+                    f'--num_processes={num_processes}; give each process its own id in that '
+                    'range (0 on the coordinator\'s host).')
+
+
+def _answers(address: str, timeout_s: float = 2) -> bool:
+  """Whether something accepts TCP connections at HOST:PORT."""
+  host, _, port = address.rpartition(':')
+  try:
+    socket.create_connection((host.strip('[]'), int(port)), timeout=timeout_s).close()
+    return True
+  except (OSError, ValueError):
+    return False
+
+
+def _not_joined_message(timeout_s: int, address: str, num_processes: int) -> str:
+  if not num_processes:  # TPU pod
+    return (f'The TPU pod\'s processes did not all start JAX\'s distributed runtime within '
+            f'{timeout_s} s; check that the command runs on every worker (--worker=all).')
+  if not _answers(address):
+    return (f'Nothing answered at the coordinator address {address} within {timeout_s} s; '
+            'start process 0 (--process_id=0) on that host, and check the host, the port and '
+            'that the firewall lets this machine reach it.')
+  return (f'Not all {num_processes} processes joined the coordinator at {address} within '
+          f'{timeout_s} s; start every process with the same --coordinator_address and '
+          f'--num_processes={num_processes} and its own --process_id in 0..{num_processes - 1}.')
+
+
+def _exit_with(message: str) -> None:
+  """Prints `message` and exits with status 1 at once, as a UserError would, but without
+  Python's shutdown: the main thread may be inside JAX's C++ connect, and a runtime that failed
+  to start can crash the interpreter's exit (a segfault)."""
+  print(message, file=sys.stderr, flush=True)
+  os._exit(1)
+
+
+@contextlib.contextmanager
+def _exit_unless_joined_within(timeout_s: int, address: str, num_processes: int):
+  """Prints the sentence and exits with status 1 if the block runs longer than `timeout_s`."""
+  timer = threading.Timer(
+      timeout_s, lambda: _exit_with(_not_joined_message(timeout_s, address, num_processes)))
+  timer.daemon = True
+  timer.start()
+  try:
+    yield
+  finally:
+    timer.cancel()
 
 
 def _on_tpu_pod() -> bool:

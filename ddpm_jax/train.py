@@ -155,6 +155,7 @@ def train_and_evaluate(config, workdir, *, mesh: Optional[Mesh] = None,
   mesh = mesh or parallel.make_mesh()
   parallel.check_divisible(config.training.batch_size, mesh)
   manager = checkpointing.create_manager(workdir, config.training)  # checks the workdir first
+  input_pipeline.num_examples(config, 'train')  # then the data (cached), before the model
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   try:
     with checkpointing.watch_for_preemption(manager) as preempted:

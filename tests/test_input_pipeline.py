@@ -1,5 +1,8 @@
 """Tests of the input pipeline: shapes, determinism and resumption, sharding, errors."""
 import itertools
+import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -157,7 +160,8 @@ def test_eval_iterator_on_digits_is_all_of_the_test_split():
   assert batches[0]['image'].dtype == np.float32 and batches[0]['mask'].dtype == bool
 
 
-def test_cifar10_through_mock_data():
+def test_cifar10_through_mock_data(monkeypatch):
+  monkeypatch.setattr(input_pipeline, '_unreachable_host', lambda urls: None)  # mock: no download
   config = cifar10_config.get_config()
   config.training.batch_size = 8
   with tfds.testing.mock_data(num_examples=20):
@@ -201,6 +205,28 @@ def test_folder_of_images_of_different_sizes(tmp_path):
   assert next(input_pipeline.create_train_iterator(config))['image'].shape == (4, 8, 8, 1)
 
 
+def test_an_image_that_fails_to_decode_is_named(tmp_path):
+  _save(tmp_path / 'a.png', np.full((9, 9, 3), 10, np.uint8))
+  _save(tmp_path / 'b.jpg', np.full((9, 9, 3), 20, np.uint8))
+  _save(tmp_path / 'c.jpg', np.full((9, 9, 3), 30, np.uint8))
+  truncated = tmp_path / 'c.jpg'
+  truncated.write_bytes(truncated.read_bytes()[:200])
+  config = _digits_config(batch_size=3)
+  config.data.dataset = f'folder:{tmp_path}'
+  config.data.channels = 3
+  expected = (f'Cannot decode the image {truncated} (jpeg::Uncompress failed. Invalid JPEG data '
+              'or crop window); repair or delete it, or move it out of the folder.')
+  with pytest.raises(UserError) as error:
+    next(input_pipeline.create_train_iterator(config))
+  assert str(error.value) == expected
+  with pytest.raises(UserError) as error:
+    list(input_pipeline.create_eval_iterator(config, 'test', batch_size=1))
+  assert str(error.value) == expected
+  truncated.unlink()  # the others decode
+  input_pipeline._load_source.cache_clear()
+  assert next(input_pipeline.create_train_iterator(config))['image'].shape == (3, 8, 8, 3)
+
+
 def test_empty_or_missing_folder_is_a_user_error(tmp_path):
   (tmp_path / 'empty' / 'sub').mkdir(parents=True)
   (tmp_path / 'empty' / 'sub' / 'readme.txt').write_text('no images here')
@@ -236,6 +262,76 @@ def test_unprepared_tfds_datasets_say_how_to_prepare_them(tmp_path, dataset, hin
   with pytest.raises(UserError, match='is not prepared') as error:
     input_pipeline.create_train_iterator(config)
   assert hint in str(error.value) and 'tfds build' in str(error.value)
+
+
+_PROXY_VARIABLES = ('https_proxy', 'HTTPS_PROXY', 'http_proxy', 'HTTP_PROXY', 'all_proxy',
+                    'ALL_PROXY', 'no_proxy', 'NO_PROXY')
+
+
+@pytest.fixture
+def connections(monkeypatch):
+  """socket.create_connection replaced (so nothing leaves the machine): it records each address
+  and does what `connections.answer(address)` does. tfds' download never starts."""
+  class Connections(list):
+    answer = staticmethod(lambda address: socket.socket())  # a socket that connected
+
+  tried = Connections()
+
+  def create_connection(address, *args, **kwargs):
+    tried.append(address)
+    return tried.answer(address)
+
+  monkeypatch.setattr(socket, 'create_connection', create_connection)
+  for name in _PROXY_VARIABLES:
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
+                      lambda *args, **kwargs: (_ for _ in ()).throw(OSError('downloading')))
+  return tried
+
+
+def _no_network(address):
+  raise socket.gaierror(-3, 'Temporary failure in name resolution')
+
+
+def _unprepared_cifar10(data_dir):
+  config = cifar10_config.get_config()
+  config.data.data_dir = str(data_dir)
+  return config
+
+
+def test_unprepared_cifar10_offline_is_one_sentence_at_once(tmp_path, connections):
+  connections.answer = _no_network
+  start = time.monotonic()
+  with pytest.raises(UserError) as error:
+    input_pipeline.create_train_iterator(_unprepared_cifar10(tmp_path))
+  assert time.monotonic() - start < 30  # tfds alone retries the download for 340 s
+  assert connections == [('www.cs.toronto.edu', 443)]  # cifar10's one download URL
+  assert str(error.value) == (
+      f"tfds 'cifar10' is not prepared in {tmp_path} and its download host "
+      'www.cs.toronto.edu:443 cannot be reached (no network?); run `tfds build cifar10 '
+      '--data_dir=DIR` where there is internet access and pass --config.data.data_dir=DIR.')
+
+
+def test_a_name_lookup_that_hangs_is_given_up_after_the_probe_timeout(tmp_path, connections,
+                                                                        monkeypatch):
+  release = threading.Event()
+  connections.answer = lambda address: release.wait(60) and _no_network(address)
+  monkeypatch.setattr(input_pipeline, '_PROBE_TIMEOUT_S', 0.5)
+  start = time.monotonic()
+  try:
+    with pytest.raises(UserError, match='www.cs.toronto.edu:443 cannot be reached'):
+      input_pipeline.create_train_iterator(_unprepared_cifar10(tmp_path))
+  finally:
+    release.set()
+  assert time.monotonic() - start < 5
+
+
+def test_the_probe_goes_to_the_proxy_and_a_reachable_host_downloads(tmp_path, connections,
+                                                                     monkeypatch):
+  monkeypatch.setenv('https_proxy', 'http://127.0.0.1:3128')
+  with pytest.raises(UserError, match="Could not download and prepare tfds 'cifar10'"):
+    input_pipeline.create_train_iterator(_unprepared_cifar10(tmp_path))
+  assert connections == [('127.0.0.1', 3128)]
 
 
 class DdpmTestImages(tfds.core.GeneratorBasedBuilder):

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from ddpm_jax import checkpointing
+from ddpm_jax import checkpointing, parallel
+from ddpm_jax.errors import UserError
 from tests.conftest import ROOT, checkpoint_steps, tiny_train_command
 
 ENV = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
@@ -77,3 +78,61 @@ def test_sigterm_to_both_processes_saves_one_step_and_exits_0(tmp_path):
   saved = [int(re.search(r'Preempted: saved the checkpoint at step (\d+)', log).group(1))
            for log in logs]
   assert saved[0] == saved[1] == checkpoint_steps(workdir)[-1] > 4
+
+
+def _start_alone(tmp_path, process_id: int, port: int) -> subprocess.Popen:
+  """One process of a 2-process job whose other process never starts; a 3 s timeout."""
+  command = tiny_train_command(tmp_path / f'workdir_{process_id}', {},
+                               f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                               f'--process_id={process_id}', '--coordinator_timeout=3')
+  return subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def test_a_missing_coordinator_or_peer_exits_1_with_a_sentence_within_the_timeout(tmp_path):
+  """Process 1 with nothing at the address; process 0 whose peer never comes; process 0 on a
+  port that is taken (all three at once)."""
+  start = time.time()
+  with socket.socket() as taken:
+    taken.bind(('0.0.0.0', 0))
+    taken.listen()
+    processes = [_start_alone(tmp_path, 1, _free_port()), _start_alone(tmp_path, 0, _free_port()),
+                 _start_alone(tmp_path, 0, taken.getsockname()[1])]
+    outputs = [p.communicate(timeout=120) for p in processes]
+  assert time.time() - start < 90  # JAX alone waits 300 s, then aborts with status 134
+  for process, (_, stderr) in zip(processes, outputs):
+    assert process.returncode == 1, stderr[-2000:]
+    assert 'Traceback' not in stderr and 'Check failure' not in stderr, stderr[-2000:]
+  unreachable_err, lonely_err, busy_err = (stderr for _, stderr in outputs)
+  address = re.search(r'127\.0\.0\.1:\d+', unreachable_err).group(0)
+  assert unreachable_err.strip().splitlines()[-1] == (
+      f'Nothing answered at the coordinator address {address} within 3 s; start process 0 '
+      '(--process_id=0) on that host, and check the host, the port and that the firewall lets '
+      'this machine reach it.')
+  assert 'Process 0 of 2: waiting up to 3 s for the other 1 process(es) to join' in lonely_err
+  assert lonely_err.strip().splitlines()[-1].startswith(
+      'Not all 2 processes joined the coordinator at 127.0.0.1:')
+  assert busy_err.strip().splitlines()[-1].endswith(
+      'check that its port is free on this host (process 0 serves it).')
+
+
+@pytest.mark.parametrize('flags, sentence', [
+    ({'num_processes': 2, 'process_id': 1},
+     '--num_processes=2 and --process_id=1 need --coordinator_address=HOST:PORT'),
+    ({'process_id': 0}, '^--process_id=0 needs --coordinator_address'),
+    ({'num_processes': 4}, '^--num_processes=4 needs --coordinator_address'),
+    ({'coordinator_address': '127.0.0.1:1234', 'num_processes': 2, 'process_id': 2},
+     r'--process_id=2 is not in 0\.\.1 for --num_processes=2;'),
+    ({'coordinator_address': '127.0.0.1:1234', 'num_processes': 2, 'process_id': -1},
+     r'--process_id=-1 is not in 0\.\.1'),
+    ({'coordinator_address': '127.0.0.1:1234', 'process_id': 0}, '--num_processes=0: with'),
+    ({'coordinator_address': '127.0.0.1', 'num_processes': 2, 'process_id': 0},
+     '--coordinator_address=127.0.0.1 is not HOST:PORT'),
+    ({'coordinator_address': 'host:99999', 'num_processes': 2, 'process_id': 0},
+     '--coordinator_address=host:99999 is not HOST:PORT'),
+    ({'coordinator_address': '127.0.0.1:1234', 'num_processes': 2, 'process_id': 0,
+      'timeout_s': 0}, '--coordinator_timeout=0 must be at least 1'),
+])
+def test_inconsistent_process_flags_are_one_sentence_before_anything_starts(flags, sentence):
+  with pytest.raises(UserError, match=sentence):
+    parallel.initialize(**flags)
