@@ -230,6 +230,18 @@ def test_gaussian_data_few_step_distribution_has_its_exact_bias(sampler, steps, 
   assert abs(full_mean - MU) < 1e-3 and abs(np.sqrt(full_var) - SIGMA) < 5e-3
 
 
+def test_file_names_carry_the_sampler_settings():
+  from ddpm_jax import default_config
+  config = default_config.get_default_config()
+  tag = lambda **s: config.sampling.update(**s) or sampling.settings_tag(config)
+  assert tag() == '' and tag(num_steps=1000) == ''  # the paper's chain keeps today's names
+  assert tag(num_steps=100) == '_ancestral100'
+  assert tag(num_steps=250, spacing='quadratic') == '_ancestral250_quadratic'
+  assert tag(sampler='ddim', num_steps=50, spacing='uniform') == '_ddim50'
+  assert tag(num_steps=0) == '_ddim1000'
+  assert tag(num_steps=50, spacing='quadratic', eta=0.5) == '_ddim50_quadratic_eta0.5'
+
+
 # === Bad settings ===
 
 @pytest.mark.parametrize('settings,message', [
