@@ -37,7 +37,14 @@ def _write_json(path: epath.Path, data: dict) -> None:
 
 
 def _read_json(path: epath.Path):
-  return json.loads(path.read_text()) if path.exists() else None
+  """The JSON in `path`; None if there is none or it is damaged (with a warning naming it)."""
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    logging.warning('Ignoring the damaged %s (%s); computing it again.', path, e)
+    return None
 
 
 # === Bits/dim ===

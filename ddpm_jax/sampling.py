@@ -6,10 +6,10 @@ jitted function) to get one compiled loop over the kept steps, not one dispatch 
 * `sampler='ancestral'` with all T steps is the paper's Algorithm 2. With `num_steps` = S < T it
   runs on the respaced chain of S kept timesteps (Nichol & Dhariwal 2021, section 4:
   `diffusion.respace`), still calling the model with the original timestep.
-* `sampler='ddim'` is Song et al. (2021), Eq. 12, on the kept timesteps S_S-1 > ... > S_0:
-  x_{S_{i-1}} = sqrt(abar_{i-1}) x0^ + sqrt(1 - abar_{i-1} - sigma_i^2) eps^ + sigma_i z with
-  sigma_i = eta sqrt((1 - abar_{i-1}) / (1 - abar_i)) sqrt(1 - abar_i / abar_{i-1}) (abar before
-  S_0 is 1). x0^ is the model's prediction (clipped to [-1, 1] with `clip_denoised`) and eps^ is
+* `sampler='ddim'` is Song et al. (2021), Eq. 12, on the kept timesteps tau_0 < ... < tau_{S-1}
+  (abar_i is the original abar at tau_i, and 1 before tau_0):
+  x_{tau_{i-1}} = sqrt(abar_{i-1}) x0^ + sqrt(1 - abar_{i-1} - sigma_i^2) eps^ + sigma_i z with
+  sigma_i = eta sqrt((1 - abar_{i-1}) / (1 - abar_i)) sqrt(1 - abar_i / abar_{i-1}). x0^ is the model's prediction (clipped to [-1, 1] with `clip_denoised`) and eps^ is
   recomputed from it, so eta = 1 over all T steps is the ancestral chain with the posterior
   variance ('fixedsmall'); eta = 0 is deterministic given x_T. DDIM uses only x0^, so it samples
   any model_mean_type and model_var_type (a learned variance is ignored).
@@ -17,9 +17,10 @@ jitted function) to get one compiled loop over the kept steps, not one dispatch 
 Kept timesteps (`kept_timesteps`; 0-indexed, S = num_steps, 0 means all T): 'uniform' keeps
 floor(i T / S), i = 0 .. S-1, which is DDIM's range(0, T, T // S) when S divides T (100 of 1000:
 0, 10, ..., 990) and S evenly spread steps otherwise. 'quadratic' keeps DDIM's
-int((i sqrt(0.8 T) / (S - 1))^2) (50 of 1000: 0, 1, 2, 5, 8, ..., 767, 800), except that
-where that rule repeats a step (the first two of 50 of 1000) each repeat moves to one past the
-previous step, so there are always S distinct steps. Both start at t = 0.
+int((i sqrt(0.8 T) / (S - 1))^2) (10 of 1000: 0, 9, 39, 88, ..., 632, 800), except that each
+step is at least one past the previous one, t_i = max(rule_i, t_{i-1} + 1), so there are always S
+distinct steps where the rule repeats small ones (50 of 1000: its 0, 0, 1, 2, 5, ... becomes
+0, 1, 2, 3, 5, ...). Both start at t = 0; 'quadratic' ends near 0.8 T, as DDIM's.
 
 The initial noise is drawn from split(rng)[0] and the noise of the step at original timestep t
 from fold_in(split(rng)[1], t) for the whole global batch, so samples depend on the seed, never

@@ -54,7 +54,7 @@ def test_quadratic_spacing_is_ddims_rule_made_distinct():
   # DDIM's int(linspace(0, sqrt(0.8 T), S) ** 2), which has no repeats for 10 of 1000.
   np.testing.assert_array_equal(sampling.kept_timesteps(T, 10, 'quadratic'),
                                 [0, 9, 39, 88, 158, 246, 355, 483, 632, 800])
-  # 50 of 1000: DDIM's rule gives 0, 0, 1, 2, 5, ...; the repeat moves up by one.
+  # 50 of 1000: DDIM's rule gives 0, 0, 1, 2, 5, ...; each step is one past the last at least.
   kept = sampling.kept_timesteps(T, 50, 'quadratic')
   assert kept[:6].tolist() == [0, 1, 2, 3, 5, 8] and kept[-2:].tolist() == [767, 800]
   ddim = (np.linspace(0, np.sqrt(0.8 * T), 50) ** 2).astype(int)
