@@ -9,10 +9,11 @@ jitted function) to get one compiled loop over the kept steps, not one dispatch 
 * `sampler='ddim'` is Song et al. (2021), Eq. 12, on the kept timesteps tau_0 < ... < tau_{S-1}
   (abar_i is the original abar at tau_i, and 1 before tau_0):
   x_{tau_{i-1}} = sqrt(abar_{i-1}) x0^ + sqrt(1 - abar_{i-1} - sigma_i^2) eps^ + sigma_i z with
-  sigma_i = eta sqrt((1 - abar_{i-1}) / (1 - abar_i)) sqrt(1 - abar_i / abar_{i-1}). x0^ is the model's prediction (clipped to [-1, 1] with `clip_denoised`) and eps^ is
-  recomputed from it, so eta = 1 over all T steps is the ancestral chain with the posterior
-  variance ('fixedsmall'); eta = 0 is deterministic given x_T. DDIM uses only x0^, so it samples
-  any model_mean_type and model_var_type (a learned variance is ignored).
+  sigma_i = eta sqrt((1 - abar_{i-1}) / (1 - abar_i)) sqrt(1 - abar_i / abar_{i-1}). x0^ is the
+  model's prediction (clipped to [-1, 1] with `clip_denoised`) and eps^ is recomputed from it,
+  so eta = 1 over all T steps is the ancestral chain with the posterior variance ('fixedsmall');
+  eta = 0 is deterministic given x_T. DDIM uses only x0^, so it samples any model_mean_type and
+  model_var_type (a learned variance is ignored).
 
 Kept timesteps (`kept_timesteps`; 0-indexed, S = num_steps, 0 means all T): 'uniform' keeps
 floor(i T / S), i = 0 .. S-1, which is DDIM's range(0, T, T // S) when S divides T (100 of 1000:

@@ -130,9 +130,10 @@ def test_respaced_tables_follow_the_kept_alpha_bars():
 def test_model_is_called_with_the_original_timesteps():
   d = linear_diffusion(num_timesteps=100)
   seen = []
-  jax.jit(lambda r: sampling.sample_loop(
-      d, lambda x, t: jax.debug.callback(lambda t_: seen.append(int(t_[0])), t, ordered=True) or 0 * x,
-      SHAPE, r, sampler='ddim', num_steps=10))(jax.random.PRNGKey(0))
+  record = lambda t_: seen.append(int(t_[0]))
+  model_fn = lambda x, t: jax.debug.callback(record, t, ordered=True) or 0 * x
+  jax.jit(lambda r: sampling.sample_loop(d, model_fn, SHAPE, r, sampler='ddim', num_steps=10))(
+      jax.random.PRNGKey(0))
   jax.effects_barrier()
   assert seen == list(range(90, -1, -10))
 
@@ -272,3 +273,19 @@ def test_respacing_refuses_what_it_cannot_define_and_ddim_samples_it(kwargs, ref
   x0 = run(d, model_fn, sampler='ddim', num_steps=5)
   assert np.all(np.isfinite(x0))
   np.testing.assert_allclose(run(d, model_fn), run(d, model_fn, num_steps=20))
+
+
+def test_jit_sampler_of_the_training_grid_and_jobs_takes_the_settings():
+  from ddpm_jax import parallel, unet
+  from tests.conftest import tiny_digits_config
+  config = tiny_digits_config(num_timesteps=20)
+  config.sampling.update(sampler='ddim', num_steps=4, eta=0.5, spacing='quadratic')
+  model = unet.create_model(config)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
+  params = jax.tree.map(lambda p: p + 0.01, params['params'])  # a fresh model outputs ~0
+  rng = jax.random.PRNGKey(4)
+  ours = sampling.jit_sampler(config, parallel.make_mesh())(params, rng, 8)
+  model_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
+  expected = run(diff.from_config(config), model_fn, rng, shape=(8, 8, 8, 1), sampler='ddim',
+                 num_steps=4, eta=0.5, spacing='quadratic')
+  np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5)

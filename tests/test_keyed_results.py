@@ -123,8 +123,8 @@ def test_fid_reference_statistics_are_keyed_by_data_and_inception_weights(
   config, _ = trained_digits
   monkeypatch.setenv('DDPM_JAX_CACHE', str(tmp_path / 'cache'))
   computed = []
-  monkeypatch.setattr(evaluation, '_real_images',
-                      lambda c, split, n=None: np.full((4, 2), len(c.data.data_dir) + 1, np.float32))
+  real = lambda c, split, n=None: np.full((4, 2), len(c.data.data_dir) + 1, np.float32)
+  monkeypatch.setattr(evaluation, '_real_images', real)
 
   def features(images, *, batch_size, params):
     computed.append(1)
