@@ -147,3 +147,26 @@ def test_fid_reference_statistics_are_keyed_by_data_and_inception_weights(
   assert len(computed) == 4
   stats()
   assert len(computed) == 4
+
+
+@pytest.mark.slow
+def test_cli_sample_after_a_seed_change_and_bad_sampler_settings(workdir):
+  """Scenario 6 as a user types it: --config.seed=1 after a seed-0 run gives other samples."""
+  import subprocess
+  from tests.conftest import ROOT, tiny_train_command
+  tiny = {'diffusion.num_timesteps': 40, 'sampling.num_samples': 10, 'sampling.batch_size': 4}
+  npz = epath.Path(workdir) / 'samples' / 'samples_30.npz'
+
+  def sample_cli(**overrides):
+    command = tiny_train_command(workdir, {**tiny, **overrides}, '--mode=sample')
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+  assert sample_cli().returncode == 0
+  seed0 = npz.read_bytes()
+  assert sample_cli(seed=1).returncode == 0
+  assert npz.read_bytes() != seed0
+  bad = sample_cli(**{'sampling.sampler': 'ddim', 'sampling.num_steps': 41})
+  assert bad.returncode == 1 and 'Traceback' not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1] == (
+      'sampling.num_steps must be in [0, 40] (0 runs all diffusion.num_timesteps=40 steps), '
+      'got 41.')
