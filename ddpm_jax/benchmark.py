@@ -4,9 +4,11 @@
       [--config.training.batch_size=8 --config.sampling.batch_size=8] [--steps=10 --warmup=2]
 
 Times `train.jit_train_step` (forward, loss, backward, clipping, Adam, EMA; the state donated as
-in training) and one reverse step x_t -> x_{t-1} (`GaussianDiffusion.p_sample` with the EMA
-parameters), both jitted over the mesh of all devices; a scan of `--scan_steps` reverse steps
-(`sampling._reverse_chain`, the loop of `p_sample_loop`) confirms the per-step cost. Times are
+in training) and one reverse step of the configured sampler (`sampling.sampler`, `num_steps`,
+`eta`, `spacing`: the paper's `p_sample`, or a respaced or DDIM step, with the EMA parameters),
+both jitted over the mesh of all devices; a scan of `--scan_steps` reverse steps
+(`sampling._reverse_chain`, the loop of `sample_loop`) confirms the per-step cost, and
+`sample_seconds_per_sample` is the step time times the kept steps over the batch. Times are
 medians. The last line of stdout is one JSON object (compare with the PyTorch peer,
 `../shared/bench/torch_peer.py`); progress goes to the log.
 """
@@ -76,30 +78,38 @@ def _peak_bytes(executables) -> tuple[int, str]:
 
 
 def _reverse_step_fns(config, mesh, num_scan_steps: int):
-  """Jitted (ema_params, (x_t, t), rng) -> (x_{t-1}, t - 1): one reverse step and a scan."""
+  """Jitted (ema_params, (x_t, i), rng) -> (x at the next kept step, i - 1): a step and a scan.
+
+  The step is the configured sampler's; returns them and the number of kept steps.
+  """
   model, diffusion = unet.create_model(config), diffusion_lib.from_config(config)
   clip = config.sampling.clip_denoised
+  kept = sampling.kept_timesteps(diffusion.num_timesteps, config.sampling.num_steps,
+                                 config.sampling.spacing)
+
+  def reverse_step(ema_params):
+    model_fn = lambda x, t: model.apply({'params': ema_params}, x, t, train=False)
+    return sampling._reverse_step(  # pylint: disable=protected-access
+        diffusion, model_fn, clip_denoised=clip, **sampling.settings(config))[0]
 
   def one_step(ema_params, carry, rng):
-    x, t_scalar = carry
-    model_fn = lambda x, t: model.apply({'params': ema_params}, x, t, train=False)
-    noise = sampling._step_noise(rng, x.shape, mesh)(t_scalar)  # pylint: disable=protected-access
-    t = jnp.full((x.shape[0],), t_scalar, jnp.int32)
-    x, _ = diffusion.p_sample(model_fn, x, t, noise, clip_denoised=clip)
-    return x, t_scalar - 1
+    x, i = carry
+    noise = sampling._step_noise(rng, x.shape, mesh)(i)  # pylint: disable=protected-access
+    x, _ = reverse_step(ema_params)(x, i, noise)
+    return x, i - 1
 
   def scan(ema_params, carry, rng):
-    x, t_scalar = carry
-    model_fn = lambda x, t: model.apply({'params': ema_params}, x, t, train=False)
+    x, i = carry
     noise_fn = sampling._step_noise(rng, x.shape, mesh)  # pylint: disable=protected-access
+    start_index = min(num_scan_steps, len(kept)) - 1
     x, _ = sampling._reverse_chain(  # pylint: disable=protected-access
-        diffusion, model_fn, x, noise_fn, start=num_scan_steps - 1, clip_denoised=clip)
-    return x, t_scalar
+        reverse_step(ema_params), kept, x, noise_fn, start_index=start_index)
+    return x, i
 
   replicated, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
   jit = functools.partial(jax.jit, in_shardings=(replicated, (data, replicated), replicated),
                           out_shardings=(data, replicated), donate_argnums=1)
-  return jit(one_step), jit(scan)
+  return jit(one_step), jit(scan), len(kept)
 
 
 def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10,
@@ -133,10 +143,9 @@ def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10,
   ema_params = state.ema_params
   x_T = parallel.global_batch(mesh, rng.standard_normal(
       (sample_batch_size // jax.process_count(),) + image_shape).astype(np.float32))
-  num_timesteps = config.diffusion.num_timesteps
-  carry = lambda: (jnp.copy(x_T), jnp.int32(num_timesteps - 1))
   sample_rng = jax.random.PRNGKey(config.seed + 1)
-  one_step_jit, scan_jit = _reverse_step_fns(config, mesh, scan_steps)
+  one_step_jit, scan_jit, num_kept = _reverse_step_fns(config, mesh, scan_steps)
+  carry = lambda: (jnp.copy(x_T), jnp.int32(num_kept - 1))
   logging.info('Compiling the reverse step (batch %d) and a %d-step scan.', sample_batch_size,
                scan_steps)
   one_step, sample_compile_seconds = _compile(one_step_jit, ema_params, carry(), sample_rng)
@@ -155,8 +164,11 @@ def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10,
       train_images_per_sec=batch_size / train_seconds,
       train_steps_per_sec=1 / train_seconds,
       sample_steps_per_sec=1 / step_seconds,
-      sample_images_per_sec=sample_batch_size / (step_seconds * num_timesteps),
-      scan_steps_per_sec=scan_steps / scan_seconds,
+      sample_images_per_sec=sample_batch_size / (step_seconds * num_kept),
+      sample_seconds_per_sample=step_seconds * num_kept / sample_batch_size,
+      sampler=config.sampling.sampler,
+      sample_num_steps=num_kept,
+      scan_steps_per_sec=min(scan_steps, num_kept) / scan_seconds,
       compile_seconds=compile_seconds,
       sample_compile_seconds=sample_compile_seconds,
       params=num_params,

@@ -231,6 +231,12 @@ class GaussianDiffusion:
     return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
             - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
 
+  def predict_eps_from_xstart(self, x_t, t, pred_xstart):
+    """The eps for which x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDIM's eps from x0)."""
+    assert x_t.shape == pred_xstart.shape
+    return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
+            / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+
   def _predict_xstart_from_xprev(self, x_t, t, xprev):
     assert x_t.shape == xprev.shape
     return (  # (xprev - coef2 * x_t) / coef1
@@ -302,6 +308,38 @@ class GaussianDiffusion:
     prior_bpd = self.prior_bpd(x_start)
     return dict(total_bpd=jnp.sum(terms_bpd, axis=1) + prior_bpd, terms_bpd=terms_bpd,
                 prior_bpd=prior_bpd, mse=mse)
+
+
+def respace(diffusion: GaussianDiffusion, kept_timesteps) -> GaussianDiffusion:
+  """The chain on a subsequence S of the timesteps (Nichol & Dhariwal 2021, section 4).
+
+  Step i of the new chain goes from the original step S_i to S_{i-1}, with
+  beta_i = 1 - abar_{S_i} / abar_{S_{i-1}} (abar before S_0 is 1), so its abar_i is the original
+  abar_{S_i} and every table (posterior, fixedlarge/fixedsmall, learned_range's bounds) follows
+  from these betas. The model of step i must be called with the original timestep S_i.
+  `model_var_type='learned'` (the authors' log-variance of one original step) has no meaning on
+  a respaced chain and is refused; so is 'xprev' (the model predicts one original step's
+  x_{t-1}); DDIM (`sampling.sample_loop`) needs only the original chain's x0 prediction and
+  samples both.
+  """
+  kept = np.asarray(kept_timesteps)
+  if kept.ndim != 1 or kept.size < 1 or np.any(np.diff(kept) <= 0) or kept[0] < 0 or (
+      kept[-1] >= diffusion.num_timesteps):
+    raise UserError(f'The kept timesteps must increase strictly within [0, '
+                    f'{diffusion.num_timesteps}), got {kept.tolist()}.')
+  if diffusion.model_var_type == 'learned':
+    raise UserError("model_var_type='learned' predicts the log-variance of one original step, "
+                    "which a respaced chain cannot use; sample it with all steps "
+                    "(sampling.num_steps=0) or with sampling.sampler='ddim'.")
+  if diffusion.model_mean_type == 'xprev':
+    raise UserError("model_mean_type='xprev' predicts x_{t-1} of one original step, which "
+                    "a respaced chain cannot use; sample it with all steps "
+                    "(sampling.num_steps=0) or with sampling.sampler='ddim'.")
+  alphas_cumprod = diffusion.alphas_cumprod[kept]
+  betas = 1. - alphas_cumprod / np.append(1., alphas_cumprod[:-1])
+  return GaussianDiffusion(betas, model_mean_type=diffusion.model_mean_type,
+                           model_var_type=diffusion.model_var_type,
+                           loss_type=diffusion.loss_type)
 
 
 def from_config(config) -> GaussianDiffusion:

@@ -8,11 +8,16 @@
 * for the embedded digits: a digit classifier's view of the samples (confidence against held-out
   real digits, class shares, distance to the nearest training image).
 
-Results go to WORKDIR/eval/<step>.json and WORKDIR/eval/rate_distortion_<step>.{json,png}.
+Results go to WORKDIR/eval/<step>.json (<step>_ddim50.json and so on for another sampler; they
+record the sampler settings) and WORKDIR/eval/rate_distortion_<step>.{json,png}. Bits/dim is the
+full T-step bound whatever the sampler. What is cached (bits/dim progress, samples, FID reference
+statistics) stores or is keyed by the settings it depends on and is recomputed when they change.
 """
+import hashlib
 import json
 import os
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +25,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax import images, inference as inference_lib, input_pipeline, parallel
+from ddpm_jax import images, inference as inference_lib, input_pipeline, parallel, sampling
 from ddpm_jax.errors import UserError
 
 
@@ -32,7 +37,14 @@ def _write_json(path: epath.Path, data: dict) -> None:
 
 
 def _read_json(path: epath.Path):
-  return json.loads(path.read_text()) if path.exists() else None
+  """The JSON in `path`; None if there is none or it is damaged (with a warning naming it)."""
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    logging.warning('Ignoring the damaged %s (%s); computing it again.', path, e)
+    return None
 
 
 # === Bits/dim ===
@@ -53,12 +65,24 @@ def bits_per_dim(inference: inference_lib.Inference, split: str, num_images: int
                  batch_size: int, progress_path: epath.Path) -> dict:
   """Means over `num_images` images of `split`: total, prior, per-t terms, per-t x0 MSE.
 
-  Progress is saved after every batch to `progress_path`, so a rerun continues there.
+  Progress is saved after every batch to `progress_path` with the settings it depends on (the
+  checkpoint step, model, diffusion, data, seed, counts), so a rerun with the same settings
+  continues there and one with other settings starts afresh.
   """
   parallel.check_divisible(batch_size, inference.mesh, 'eval.bpd_batch_size')
   num_images = min(num_images, input_pipeline.num_examples(inference.config, split))
   num_batches = -(-num_images // batch_size)
-  sums = _read_json(progress_path) or {'batches_done': 0}
+  d = inference.config.data
+  settings = inference_lib.fingerprint({
+      'step': inference.step, 'model': inference.config.model.to_dict(),
+      'diffusion': inference.config.diffusion.to_dict(), 'seed': inference.config.seed,
+      'data': [d.dataset, d.data_dir, d.image_size, d.channels], 'split': split,
+      'num_images': num_images, 'batch_size': batch_size})
+  sums = _read_json(progress_path)
+  if sums is not None and sums.get('settings') != settings:
+    logging.info('%s is for other settings; computing bits/dim afresh.', progress_path)
+  if sums is None or sums.get('settings') != settings:
+    sums = {'batches_done': 0, 'settings': settings}
   fn = _bpd_fn(inference)
   rng = jax.random.fold_in(jax.random.PRNGKey(inference.config.seed), 7)
   batches = input_pipeline.create_eval_iterator(inference.config, split, batch_size=batch_size,
@@ -138,18 +162,34 @@ def _cache_dir() -> epath.Path:
   return epath.Path(os.environ.get('DDPM_JAX_CACHE', '~/.cache/ddpm_jax')).expanduser()
 
 
+def _params_digest(params) -> str:
+  """A short hash of a parameter tree's values: which Inception weights computed a statistic."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()[:16]
+
+
 def _reference_statistics(config, split: str, inception_params, batch_size: int):
-  """(mu, sigma) of the Inception pool3 features of a split, computed once and cached."""
+  """(mu, sigma) of the Inception pool3 features of a split, computed once and cached.
+
+  The cache file is keyed by the dataset, split, image size, data_dir and the Inception weights.
+  """
   from ddpm_jax import fid
   d = config.data
-  name = f'{d.dataset}_{split}_{d.image_size}.npz'.replace('/', '_').replace(':', '_')
-  path = _cache_dir() / 'fid_stats' / name
+  key = inference_lib.fingerprint({'dataset': d.dataset, 'split': split, 'size': d.image_size,
+                                   'data_dir': d.data_dir,
+                                   'inception': _params_digest(inception_params)})
+  name = f'{d.dataset}_{split}_{d.image_size}_{hashlib.sha256(key.encode()).hexdigest()[:12]}'
+  path = _cache_dir() / 'fid_stats' / (name.replace('/', '_').replace(':', '_') + '.npz')
   if path.exists():
     try:
       with path.open('rb') as f:
         stats = np.load(f)
-        return stats['mu'], stats['sigma']
-    except (OSError, ValueError, KeyError) as e:
+        if str(stats['key']) == key:
+          return stats['mu'], stats['sigma']
+      logging.info('Rebuilding the reference statistics %s, cached for other settings.', path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
       logging.warning('Rebuilding the damaged reference statistics %s (%s).', path, e)
   features = fid.inception_pool3(_real_images(config, split), batch_size=batch_size,
                                  params=inception_params)
@@ -157,7 +197,7 @@ def _reference_statistics(config, split: str, inception_params, batch_size: int)
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open('wb') as f:
-      np.savez(f, mu=mu, sigma=sigma)
+      np.savez(f, mu=mu, sigma=sigma, key=np.array(key))
   return mu, sigma
 
 
@@ -226,12 +266,18 @@ def digits_metrics(config, samples: np.ndarray) -> dict:
 # === The job ===
 
 def evaluate(config, workdir, *, mesh=None) -> dict:
-  """--mode=eval: writes WORKDIR/eval/<step>.json and the rate-distortion JSON and PNG."""
+  """--mode=eval: writes WORKDIR/eval/<step><sampler tag>.json and the rate-distortion files.
+
+  The metrics JSON is <step>.json for the paper's sampler (ancestral, all T steps) and, for
+  example, <step>_ddim50.json for another (`sampling.settings_tag`); it records the sampler
+  settings and the checkpoint step. Bits/dim and rate-distortion do not depend on the sampler.
+  """
   e = config.eval
   inference = inference_lib.Inference(config, workdir, step=config.sampling.step, mesh=mesh)
   step = inference.step
   eval_dir = epath.Path(workdir) / 'eval'
-  metrics = {'step': step}
+  metrics = {'step': step, **sampling.settings(config), 'seed': config.seed,
+             'num_timesteps': config.diffusion.num_timesteps}
   out = {}
   start = time.time()
   if e.bpd_num_images > 0:
@@ -244,23 +290,31 @@ def evaluate(config, workdir, *, mesh=None) -> dict:
       if split == 'test':
         rd = rate_distortion(bpd)
         if jax.process_index() == 0:
-          _write_json(eval_dir / f'rate_distortion_{step}.json', rd)
+          _write_json(eval_dir / f'rate_distortion_{step}.json',
+                      {**rd, 'step': step, 'num_timesteps': config.diffusion.num_timesteps})
           out['rate_distortion_png'] = plot_rate_distortion(
               rd, eval_dir / f'rate_distortion_{step}.png')
     logging.info('bits/dim: test %.4f, train %.4f.', metrics['bpd_test'], metrics['bpd_train'])
   if config.data.dataset == 'digits':
-    npz = inference_lib.generate(inference, workdir, name=f'{config.sampling.name}_{step}',
-                            num_samples=config.sampling.num_samples,
-                            batch_size=config.sampling.batch_size, seed=config.seed)
+    sample_start = time.time()
+    npz = inference_lib.generate(inference, workdir,
+                                 name=inference.samples_name(config.sampling.name),
+                                 num_samples=config.sampling.num_samples,
+                                 batch_size=config.sampling.batch_size, seed=config.seed)
+    metrics['sample_seconds'] = time.time() - sample_start
     metrics['digits'] = digits_metrics(config, inference_lib.read_samples(npz))
   elif e.num_samples > 0:
-    npz = inference_lib.generate(inference, workdir, name=f'fid_{step}', num_samples=e.num_samples,
-                            batch_size=config.sampling.batch_size, seed=config.seed + 1)
+    sample_start = time.time()
+    npz = inference_lib.generate(inference, workdir, name=inference.samples_name('fid'),
+                                 num_samples=e.num_samples,
+                                 batch_size=config.sampling.batch_size, seed=config.seed + 1)
+    metrics['sample_seconds'] = time.time() - sample_start
     metrics.update(fid_metrics(config, inference_lib.read_samples(npz)))
   metrics['eval_seconds'] = time.time() - start
-  out['metrics_json'] = str(eval_dir / f'{step}.json')
+  metrics_json = eval_dir / f'{step}{sampling.settings_tag(config)}.json'
+  out['metrics_json'] = str(metrics_json)
   if jax.process_index() == 0:
-    _write_json(eval_dir / f'{step}.json', metrics)
+    _write_json(metrics_json, metrics)
   logging.info('Eval of step %d: %s', step, json.dumps(metrics))
   for key, path in out.items():
     logging.info('Wrote %s: %s', key, path)

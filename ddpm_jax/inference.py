@@ -1,10 +1,14 @@
 """What the sample and eval jobs share about a workdir: its model's EMA weights and its samples.
 
-`Inference` restores the EMA parameters of a checkpoint onto a mesh and samples from them;
-`generate` draws many samples in resumable chunks into `WORKDIR/samples/<name>.npz`.
+`Inference` restores the EMA parameters of a checkpoint onto a mesh and samples from them with the
+config's sampler; `generate` draws many samples in resumable chunks into
+`WORKDIR/samples/<name>.npz`. Every sample file stores the settings it was drawn with and is
+reused only for the same settings.
 """
 import io
+import json
 import time
+import zipfile
 from typing import Optional
 
 import jax
@@ -37,6 +41,17 @@ class Inference:
     self.params = parallel.replicate(self.mesh, params)
     self._sample_jit = sampling.jit_sampler(config, self.mesh)
 
+  def samples_name(self, prefix: str) -> str:
+    """<prefix>_<step> for the paper's sampler, else e.g. <prefix>_<step>_ddim50."""
+    return f'{prefix}_{self.step}{sampling.settings_tag(self.config)}'
+
+  def sample_settings(self, **extra) -> dict:
+    """Everything this model's samples depend on, beside `extra` (seed, counts)."""
+    c = self.config
+    return {'step': self.step, 'model': c.model.to_dict(), 'diffusion': c.diffusion.to_dict(),
+            'image_shape': list(self.image_shape), 'clip_denoised': c.sampling.clip_denoised,
+            **sampling.settings(c), **extra}
+
   def model_fn(self, params) -> ModelFn:
     return lambda x, t: self.model.apply({'params': params}, x, t, train=False)
 
@@ -59,10 +74,44 @@ def write_npz(path: epath.Path, **arrays) -> None:
   tmp.replace(path)
 
 
+def fingerprint(settings: dict) -> str:
+  """The canonical JSON of a settings dict: equal settings, equal strings."""
+  return json.dumps(settings, sort_keys=True, default=list)
+
+
+def _read_npz(path: epath.Path) -> dict:
+  """The arrays of an .npz; an unreadable one (truncated, damaged) raises OSError naming it."""
+  try:
+    with np.load(io.BytesIO(path.read_bytes())) as npz:
+      return {key: npz[key] for key in npz.files}
+  except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+    raise OSError(f'{path} is damaged or truncated ({type(e).__name__}: {e})') from e
+
+
 def read_samples(path) -> np.ndarray:
   """The uint8 [N, H, W, C] samples of an .npz written by `generate`."""
-  with epath.Path(path).open('rb') as f:
-    return np.load(io.BytesIO(f.read()))['samples']
+  try:
+    arrays = _read_npz(epath.Path(path))
+  except OSError as e:
+    raise UserError(f'The samples file {e}; delete it and sample again.') from e
+  if 'samples' not in arrays:
+    raise UserError(f'{path} holds no `samples` array; delete it and sample again.')
+  return arrays['samples']
+
+
+def _current_samples(path: epath.Path, settings: str) -> Optional[np.ndarray]:
+  """The samples of `path` if it exists, reads and was drawn with `settings`, else None."""
+  if not path.exists():
+    return None
+  try:
+    arrays = _read_npz(path)
+  except OSError as e:
+    logging.warning('The samples file %s; sampling it again.', e)
+    return None
+  if 'samples' not in arrays or str(arrays.get('settings', '')) != settings:
+    logging.info('%s was drawn with other settings; sampling it again.', path)
+    return None
+  return arrays['samples']
 
 
 def generate(inference: Inference, workdir, *, name: str, num_samples: int, batch_size: int,
@@ -70,8 +119,10 @@ def generate(inference: Inference, workdir, *, name: str, num_samples: int, batc
   """Samples in chunks of `batch_size` to WORKDIR/samples/<name>.npz; resumes after preemption.
 
   Chunk i is drawn from fold_in(seed, i) and written as it finishes, so a rerun continues
-  with the first missing chunk and gives the same samples as an uninterrupted run. Chunks are
-  kept apart per (num_samples, batch_size, seed): a rerun that changes one starts afresh.
+  with the first missing chunk and gives the same samples as an uninterrupted run. The final
+  file and every chunk store their settings (`Inference.sample_settings`: checkpoint step,
+  model, diffusion, sampler, clipping, seed, counts) and are reused only for the same settings;
+  a stale, damaged or truncated one is drawn again (the damaged ones with a warning naming them).
   """
   if num_samples < 1:
     raise UserError(f'sampling.num_samples must be at least 1, got {num_samples}.')
@@ -79,23 +130,27 @@ def generate(inference: Inference, workdir, *, name: str, num_samples: int, batc
     raise UserError(f'sampling.batch_size must be at least 1, got {batch_size}.')
   out_dir = epath.Path(workdir) / 'samples'
   final = out_dir / f'{name}.npz'
-  if final.exists() and len(read_samples(final)) == num_samples:
+  settings = fingerprint(inference.sample_settings(seed=seed, num_samples=num_samples,
+                                                   batch_size=batch_size))
+  if parallel.agree_with_process_0(np.array([_current_samples(final, settings) is not None]))[0]:
     return final
   chunk_dir = out_dir / f'{name}_chunks_n{num_samples}_b{batch_size}_s{seed}'
   chunk_dir.mkdir(parents=True, exist_ok=True)
   num_chunks = -(-num_samples // batch_size)
   chunk_paths = [chunk_dir / f'chunk_{i:05d}_of_{num_chunks:05d}.npz' for i in range(num_chunks)]
-  done = parallel.agree_with_process_0(np.array([p.exists() for p in chunk_paths]))
+  done = parallel.agree_with_process_0(
+      np.array([_current_samples(p, settings) is not None for p in chunk_paths]))
   rng = jax.random.PRNGKey(seed)
   start = time.time()
   for i in np.flatnonzero(~done):
     n = min(batch_size, num_samples - i * batch_size)
     chunk = inference.sample(jax.random.fold_in(rng, i), n)
     if jax.process_index() == 0:
-      write_npz(chunk_paths[i], samples=chunk)
+      write_npz(chunk_paths[i], samples=chunk, settings=np.array(settings))
     logging.info('%s: chunk %d/%d (%d samples) done, %.1f s elapsed.', name, i + 1, num_chunks,
                  n, time.time() - start)
   if jax.process_index() == 0:
-    write_npz(final, samples=np.concatenate([read_samples(p) for p in chunk_paths]))
+    write_npz(final, samples=np.concatenate([read_samples(p) for p in chunk_paths]),
+              settings=np.array(settings))
     chunk_dir.rmtree()
   return final

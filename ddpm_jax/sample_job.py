@@ -15,7 +15,8 @@ def _progressive_figure(inference: inference_lib.Inference, rng, *, num_images: 
   batch = inference.padded(num_images)
   fn = jax.jit(lambda params, rng: sampling.p_sample_loop_progressive(
       inference.diffusion, inference.model_fn(params), (batch,) + inference.image_shape, rng,
-      every=every, clip_denoised=inference.config.sampling.clip_denoised, mesh=inference.mesh))
+      every=every, clip_denoised=inference.config.sampling.clip_denoised, mesh=inference.mesh,
+      **sampling.settings(inference.config)))
   x_0, preds = fn(inference.params, rng)
   preds = parallel.to_host(preds)[:num_images, ::-1]  # large t first
   rows = np.concatenate([preds, parallel.to_host(x_0)[:num_images, None]], axis=1)
@@ -34,7 +35,8 @@ def _interpolation_figure(inference: inference_lib.Inference, rng, *, t: int,
   x1, x2 = real[:num_pairs], real[num_pairs:2 * num_pairs]
   fn = jax.jit(lambda params, a, b, rng: sampling.interpolate(
       inference.diffusion, inference.model_fn(params), a, b, rng, t=t, num_lambdas=num_lambdas,
-      clip_denoised=inference.config.sampling.clip_denoised))
+      clip_denoised=inference.config.sampling.clip_denoised,
+      **sampling.settings(inference.config)))
   mixed = np.asarray(fn(inference.params, x1, x2, rng))
   rows = np.concatenate([x1[:, None], mixed, x2[:, None]], axis=1)
   return images.image_grid(images.to_uint8(rows.reshape((-1,) + rows.shape[2:])),
@@ -48,17 +50,18 @@ def _upscale(image_size: int) -> int:
 def sample_from_workdir(config, workdir, *, mesh: Optional[Mesh] = None) -> dict:
   """--mode=sample: samples of the EMA model of a checkpoint, as .npz and a PNG grid.
 
-  Writes WORKDIR/samples/<name>_<step>.npz (key `samples`, uint8 [N, H, W, C]) and a grid
-  PNG beside it; with sampling.progressive_every or sampling.interpolate_t, also the paper's
-  Fig. 6 and Fig. 8 as PNGs. Returns the paths.
+  Writes WORKDIR/samples/<name>_<step>.npz (key `samples`, uint8 [N, H, W, C]; with another
+  sampler <name>_<step>_ddim50.npz and so on, see `sampling.settings_tag`) and a grid PNG
+  beside it; with sampling.progressive_every or sampling.interpolate_t, also the paper's Fig. 6
+  and Fig. 8 as PNGs, drawn with the same sampler. Returns the paths.
   """
   s = config.sampling
   inference = inference_lib.Inference(config, workdir, step=s.step, mesh=mesh)
-  name = f'{s.name}_{inference.step}'
-  logging.info('Sampling %d images from the EMA weights of step %d on %d devices.',
-               s.num_samples, inference.step, inference.mesh.size)
+  name = inference.samples_name(s.name)
+  logging.info('Sampling %d images from the EMA weights of step %d on %d devices (%s).',
+               s.num_samples, inference.step, inference.mesh.size, sampling.settings(config))
   npz = inference_lib.generate(inference, workdir, name=name, num_samples=s.num_samples,
-                 batch_size=s.batch_size, seed=config.seed)
+                               batch_size=s.batch_size, seed=config.seed)
   out = {'samples_npz': str(npz)}
   if jax.process_index() == 0:
     grid = images.image_grid(inference_lib.read_samples(npz)[:100], ncol=10)

@@ -1,48 +1,150 @@
-"""The reverse chain (the paper's Algorithm 2) as one `lax.scan`, and what is built on it.
+"""The reverse chain as one `lax.scan`: the paper's Algorithm 2, respaced chains and DDIM.
 
 The pure samplers take any `model_fn(x, t)` and trace it once; jit them (or call them inside a
-jitted function) to get one compiled loop over the T steps, not T dispatches. The noise for step t
-is drawn from `fold_in(rng, t)` for the whole global batch, so samples depend on the seed, never
-on the device count. Nothing here touches files: `inference.py` loads a workdir's model and keeps
-its samples, `sample_job.py` is the `--mode=sample` job.
+jitted function) to get one compiled loop over the kept steps, not one dispatch per step.
+
+* `sampler='ancestral'` with all T steps is the paper's Algorithm 2. With `num_steps` = S < T it
+  runs on the respaced chain of S kept timesteps (Nichol & Dhariwal 2021, section 4:
+  `diffusion.respace`), still calling the model with the original timestep.
+* `sampler='ddim'` is Song et al. (2021), Eq. 12, on the kept timesteps tau_0 < ... < tau_{S-1}
+  (abar_i is the original abar at tau_i, and 1 before tau_0):
+  x_{tau_{i-1}} = sqrt(abar_{i-1}) x0^ + sqrt(1 - abar_{i-1} - sigma_i^2) eps^ + sigma_i z with
+  sigma_i = eta sqrt((1 - abar_{i-1}) / (1 - abar_i)) sqrt(1 - abar_i / abar_{i-1}). x0^ is the
+  model's prediction (clipped to [-1, 1] with `clip_denoised`) and eps^ is recomputed from it,
+  so eta = 1 over all T steps is the ancestral chain with the posterior variance ('fixedsmall');
+  eta = 0 is deterministic given x_T. DDIM uses only x0^, so it samples any model_mean_type and
+  model_var_type (a learned variance is ignored).
+
+Kept timesteps (`kept_timesteps`; 0-indexed, S = num_steps, 0 means all T): 'uniform' keeps
+floor(i T / S), i = 0 .. S-1, which is DDIM's range(0, T, T // S) when S divides T (100 of 1000:
+0, 10, ..., 990) and S evenly spread steps otherwise. 'quadratic' keeps DDIM's
+int((i sqrt(0.8 T) / (S - 1))^2) (10 of 1000: 0, 9, 39, 88, ..., 632, 800), except that each
+step is at least one past the previous one, t_i = max(rule_i, t_{i-1} + 1), so there are always S
+distinct steps where the rule repeats small ones (50 of 1000: its 0, 0, 1, 2, 5, ... becomes
+0, 1, 2, 3, 5, ...). Both start at t = 0; 'quadratic' ends near 0.8 T, as DDIM's.
+
+The initial noise is drawn from split(rng)[0] and the noise of the step at original timestep t
+from fold_in(split(rng)[1], t) for the whole global batch, so samples depend on the seed, never
+on the device count, and a respaced chain draws the noise of its original timesteps. Nothing
+here touches files: `inference.py` loads a workdir's model and keeps its samples, `sample_job.py`
+is the `--mode=sample` job.
 """
 import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from ddpm_jax import diffusion as diffusion_lib, parallel, unet
 from ddpm_jax.diffusion import GaussianDiffusion, ModelFn
 from ddpm_jax.errors import UserError
 
+SAMPLERS = ('ancestral', 'ddim')
+SPACINGS = ('uniform', 'quadratic')
 
-def _reverse_chain(diffusion: GaussianDiffusion, model_fn: ModelFn, x_T, noise_fn, *,
-                   start: int, clip_denoised: bool, record_every: int = 0):
-  """Runs x_t -> x_{t-1} for t = start, ..., 0 with noise_fn(t) as z; optionally keeps pred_x0."""
+
+def check_settings(num_timesteps: int, *, sampler: str, num_steps: int, eta: float,
+                   spacing: str) -> None:
+  """One sentence (a UserError) for a sampler setting that cannot run on a T-step chain."""
+  if sampler not in SAMPLERS:
+    raise UserError(f'Unknown sampling.sampler {sampler!r}; choose one of {", ".join(SAMPLERS)}.')
+  if spacing not in SPACINGS:
+    raise UserError(f'Unknown sampling.spacing {spacing!r}; choose one of {", ".join(SPACINGS)}.')
+  if not 0 <= num_steps <= num_timesteps:
+    raise UserError(f'sampling.num_steps must be in [0, {num_timesteps}] (0 runs all '
+                    f'diffusion.num_timesteps={num_timesteps} steps), got {num_steps}.')
+  if eta < 0:
+    raise UserError(f'sampling.eta must be at least 0 (0: deterministic DDIM, 1: the posterior '
+                    f'variance), got {eta}.')
+  if eta != 0 and sampler != 'ddim':
+    raise UserError(f"sampling.eta={eta} is DDIM's; set sampling.sampler='ddim' to use it, or "
+                    f"leave eta at 0 for the ancestral sampler.")
+
+
+def kept_timesteps(num_timesteps: int, num_steps: int, spacing: str = 'uniform') -> np.ndarray:
+  """The original timesteps of an S-step chain, increasing (see the module docstring)."""
+  check_settings(num_timesteps, sampler='ancestral', num_steps=num_steps, eta=0.,
+                 spacing=spacing)
+  steps = num_steps or num_timesteps
+  i = np.arange(steps)
+  if spacing == 'uniform':
+    return i * num_timesteps // steps
+  quadratic = (np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2).astype(np.int64)
+  return np.maximum.accumulate(quadratic - i) + i  # t_i = max(quadratic_i, t_{i-1} + 1)
+
+
+def _ddim_coefficients(alphas_cumprod_kept: np.ndarray, eta: float) -> np.ndarray:
+  """[3, S] float32: DDIM's factors of x0^, of eps^ and sigma for each kept step (float64 math)."""
+  abar = alphas_cumprod_kept
+  abar_prev = np.append(1., abar[:-1])
+  sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+  # Non-negative for eta <= 1; larger eta is clipped where sigma exceeds sqrt(1 - abar_prev).
+  eps_coef = np.sqrt(np.maximum(1 - abar_prev - sigma ** 2, 0.))
+  return np.stack([np.sqrt(abar_prev), eps_coef, sigma]).astype(np.float32)
+
+
+def _reverse_step(diffusion: GaussianDiffusion, model_fn: ModelFn, *, clip_denoised: bool,
+                  sampler: str = 'ancestral', num_steps: int = 0, eta: float = 0.,
+                  spacing: str = 'uniform'):
+  """(step, kept): step(x, i, z) -> (x at kept[i - 1], pred_x0) is step i of the chain."""
+  check_settings(diffusion.num_timesteps, sampler=sampler, num_steps=num_steps, eta=eta,
+                 spacing=spacing)
+  kept = kept_timesteps(diffusion.num_timesteps, num_steps, spacing)
+  kept_table = jnp.asarray(kept, jnp.int32)
+  batch_t = lambda x, i: jnp.full((x.shape[0],), kept_table[i], jnp.int32)
+  if sampler == 'ancestral':
+    every_step = len(kept) == diffusion.num_timesteps
+    chain = diffusion if every_step else diffusion_lib.respace(diffusion, kept)
+
+    def step(x, i, z):
+      t = batch_t(x, i)
+      return chain.p_sample(lambda x_, _: model_fn(x_, t), x, jnp.full_like(t, i), z,
+                            clip_denoised=clip_denoised)
+    return step, kept
+
+  coefficients = _ddim_coefficients(diffusion.alphas_cumprod[kept], eta)
+
+  def step(x, i, z):
+    t = batch_t(x, i)
+    pred_xstart = diffusion.p_mean_variance(model_fn, x, t,
+                                            clip_denoised=clip_denoised)['pred_xstart']
+    eps = diffusion.predict_eps_from_xstart(x, t, pred_xstart)
+    x0_coef, eps_coef, sigma = jnp.asarray(coefficients)[:, i]
+    return x0_coef * pred_xstart + eps_coef * eps + sigma * z, pred_xstart
+  return step, kept
+
+
+def _reverse_chain(step, kept: np.ndarray, x_T, noise_fn, *, start_index: int,
+                   record_every: int = 0, num_timesteps: int = 0):
+  """Runs chain steps i = start_index, ..., 0 with noise_fn(kept[i]); optionally keeps pred_x0.
+
+  With `record_every`, slot k of [B, num_timesteps // record_every, ...] ends up holding pred_x0
+  at the smallest kept t in [k every, (k + 1) every), t = k every with all steps (as the authors).
+  """
   batch = x_T.shape[0]
-  num_recorded = (diffusion.num_timesteps // record_every) if record_every else 0
+  num_recorded = (num_timesteps // record_every) if record_every else 0
 
-  def body(carry, t_scalar):
+  def body(carry, i_and_t):
     x, recorded = carry
-    t = jnp.full((batch,), t_scalar, dtype=jnp.int32)
-    x, pred_xstart = diffusion.p_sample(model_fn, x, t, noise_fn(t_scalar),
-                                        clip_denoised=clip_denoised)
-    if num_recorded:  # as the authors: slot k ends up holding pred_x0 at t = k * every
+    i, t_scalar = i_and_t
+    x, pred_xstart = step(x, i, noise_fn(t_scalar))
+    if num_recorded:
       mask = (t_scalar // record_every == jnp.arange(num_recorded))
       mask = mask.reshape((1, num_recorded) + (1,) * (x.ndim - 1))
       recorded = jnp.where(mask, pred_xstart[:, None], recorded)
     return (x, recorded), None
 
   recorded = jnp.zeros((batch, num_recorded) + x_T.shape[1:], x_T.dtype)
-  timesteps = jnp.arange(start, -1, -1, dtype=jnp.int32)
-  (x_0, recorded), _ = jax.lax.scan(body, (x_T, recorded), timesteps)
+  indices = jnp.arange(start_index, -1, -1, dtype=jnp.int32)
+  timesteps = jnp.asarray(kept, jnp.int32)[::-1][len(kept) - 1 - start_index:]
+  (x_0, recorded), _ = jax.lax.scan(body, (x_T, recorded), (indices, timesteps))
   return x_0, recorded
 
 
 def _step_noise(rng, shape, mesh: Optional[Mesh] = None):
-  """z for step t: a function of (rng, t) only, drawn for the whole global batch."""
+  """z for original step t: a function of (rng, t) only, drawn for the whole global batch."""
   return lambda t_scalar: _shard(
       jax.random.normal(jax.random.fold_in(rng, t_scalar), shape, jnp.float32), mesh)
 
@@ -58,49 +160,76 @@ def _initial_noise(rng, shape, mesh):
   return _shard(jax.random.normal(rng, shape, jnp.float32), mesh)
 
 
+def _sample(diffusion, model_fn, shape, rng, *, record_every: int = 0, clip_denoised: bool,
+            mesh, **sampler_settings):
+  rng_init, rng_chain = jax.random.split(rng)
+  step, kept = _reverse_step(diffusion, model_fn, clip_denoised=clip_denoised,
+                             **sampler_settings)
+  if record_every:
+    slots = np.arange(diffusion.num_timesteps // record_every)
+    empty = np.setdiff1d(slots, kept // record_every)
+    if empty.size:
+      raise UserError(f'sampling.progressive_every={record_every} is finer than the '
+                      f'{len(kept)} kept steps (none in [{empty[0] * record_every}, '
+                      f'{(empty[0] + 1) * record_every})); raise it or sampling.num_steps.')
+  return _reverse_chain(step, kept, _initial_noise(rng_init, shape, mesh),
+                        _step_noise(rng_chain, shape, mesh), start_index=len(kept) - 1,
+                        record_every=record_every, num_timesteps=diffusion.num_timesteps)
+
+
+def sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn, shape, rng, *,
+                sampler: str = 'ancestral', num_steps: int = 0, eta: float = 0.0,
+                spacing: str = 'uniform', clip_denoised: bool = True,
+                mesh: Optional[Mesh] = None):
+  """Samples x_0 [shape] in [-1, 1] from x_T ~ N(0, I) with `sampler` over the kept steps.
+
+  num_steps = 0 keeps all T steps; the defaults are `p_sample_loop`, sample for sample. With a
+  `mesh` (inside jit), the batch stays sharded over its `data` axis.
+  """
+  x_0, _ = _sample(diffusion, model_fn, shape, rng, sampler=sampler, num_steps=num_steps,
+                   eta=eta, spacing=spacing, clip_denoised=clip_denoised, mesh=mesh)
+  return x_0
+
+
 def p_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn, shape, rng, *,
                   clip_denoised: bool = True, mesh: Optional[Mesh] = None):
-  """Samples x_0 [shape] in [-1, 1] from x_T ~ N(0, I) through all T reverse steps.
-
-  With a `mesh` (inside jit), the batch stays sharded over its `data` axis.
-  """
-  rng_init, rng_chain = jax.random.split(rng)
-  x_T = _initial_noise(rng_init, shape, mesh)
-  x_0, _ = _reverse_chain(diffusion, model_fn, x_T, _step_noise(rng_chain, shape, mesh),
-                          start=diffusion.num_timesteps - 1, clip_denoised=clip_denoised)
-  return x_0
+  """Samples x_0 [shape] in [-1, 1] from x_T ~ N(0, I) through all T ancestral steps."""
+  return sample_loop(diffusion, model_fn, shape, rng, clip_denoised=clip_denoised, mesh=mesh)
 
 
 def p_sample_loop_progressive(diffusion: GaussianDiffusion, model_fn: ModelFn, shape, rng, *,
                               every: int = 50, clip_denoised: bool = True,
-                              mesh: Optional[Mesh] = None):
-  """As `p_sample_loop`, also returning pred_x0 at t = 0, every, 2 every, ... (Fig. 6).
+                              mesh: Optional[Mesh] = None, **sampler_settings):
+  """As `sample_loop`, also returning pred_x0 at t = 0, every, 2 every, ... (Fig. 6).
 
   Returns (x_0, pred_xstarts [B, T // every, H, W, C]); slot k holds the prediction at
-  t = k * every, so slot 0 agrees with x_0 up to the last step's mean.
+  t = k * every (with fewer kept steps: at the smallest kept t >= k * every), so slot 0 agrees
+  with x_0 up to the last step's mean. `sampler_settings` are `sample_loop`'s.
   """
   if every < 1:
     raise UserError(f'every must be at least 1, got {every}.')
-  rng_init, rng_chain = jax.random.split(rng)
-  x_T = _initial_noise(rng_init, shape, mesh)
-  return _reverse_chain(diffusion, model_fn, x_T, _step_noise(rng_chain, shape, mesh),
-                        start=diffusion.num_timesteps - 1, clip_denoised=clip_denoised,
-                        record_every=every)
+  return _sample(diffusion, model_fn, shape, rng, record_every=every,
+                 clip_denoised=clip_denoised, mesh=mesh, **sampler_settings)
 
 
 def interpolate(diffusion: GaussianDiffusion, model_fn: ModelFn, x1, x2, rng, *, t: int,
-                num_lambdas: int = 9, clip_denoised: bool = True):
+                num_lambdas: int = 9, clip_denoised: bool = True, **sampler_settings):
   """The paper's Fig. 8: encode x1, x2 [B, H, W, C] with q to step t, mix, decode.
 
   x_t and x'_t are drawn once from q(x_t | x_0) and linearly interpolated for lambda in
   linspace(0, 1, num_lambdas); the reverse chain from t uses the same noise for every lambda.
-  Returns [B, num_lambdas, H, W, C] (lambda = 0 decodes x1's latent, lambda = 1 x2's).
+  With fewer kept steps (`sampler_settings` are `sample_loop`'s), t is rounded down to a kept
+  step and the chain (ancestral or DDIM) decodes from there. Returns [B, num_lambdas, H, W, C]
+  (lambda = 0 decodes x1's latent, lambda = 1 x2's).
   """
   if not 0 <= t < diffusion.num_timesteps:
     raise UserError(f't must be in [0, {diffusion.num_timesteps}), got {t}.')
+  step, kept = _reverse_step(diffusion, model_fn, clip_denoised=clip_denoised,
+                             **sampler_settings)
+  start_index = int(np.searchsorted(kept, t, side='right')) - 1
   batch = x1.shape[0]
   rng_q1, rng_q2, rng_chain = jax.random.split(rng, 3)
-  t_b = jnp.full((batch,), t, dtype=jnp.int32)
+  t_b = jnp.full((batch,), kept[start_index], dtype=jnp.int32)
   z1 = diffusion.q_sample(x1, t_b, jax.random.normal(rng_q1, x1.shape, x1.dtype))
   z2 = diffusion.q_sample(x2, t_b, jax.random.normal(rng_q2, x2.shape, x2.dtype))
   lambdas = jnp.linspace(0., 1., num_lambdas).reshape(1, num_lambdas, 1, 1, 1)
@@ -109,23 +238,50 @@ def interpolate(diffusion: GaussianDiffusion, model_fn: ModelFn, x1, x2, rng, *,
   # The same noise for every lambda: draw [B, 1, ...] and broadcast over the lambda axis.
   pair_noise = _step_noise(rng_chain, (batch, 1) + x1.shape[1:])
   noise_fn = lambda t_: jnp.broadcast_to(pair_noise(t_), z.shape).reshape(flat.shape)
-  x_0, _ = _reverse_chain(diffusion, model_fn, flat, noise_fn, start=t,
-                          clip_denoised=clip_denoised)
+  x_0, _ = _reverse_chain(step, kept, flat, noise_fn, start_index=start_index)
   return x_0.reshape((batch, num_lambdas) + x1.shape[1:])
 
 
-def jit_sampler(config, mesh: Mesh):
-  """jit of (params, rng, batch) -> `p_sample_loop` samples [batch, H, W, C] in [-1, 1].
+def settings(config) -> dict:
+  """The sampler settings of a config: `sample_loop`'s keyword arguments but clip_denoised."""
+  s = config.sampling
+  return dict(sampler=s.sampler, num_steps=int(s.num_steps), eta=float(s.eta),
+              spacing=s.spacing)
 
-  The model and sampling settings of `config`; `batch` is static and must divide by the device
-  count: the samples are sharded over the mesh's `data` axis.
+
+def settings_tag(config) -> str:
+  """'' for the paper's chain (ancestral, all T steps), else e.g. '_ddim50', '_ancestral100'.
+
+  Spacing and eta are named when not the defaults: '_ddim50_quadratic_eta0.5'.
+  """
+  s = settings(config)
+  num_timesteps = config.diffusion.num_timesteps
+  check_settings(num_timesteps, **s)
+  steps = s['num_steps'] or num_timesteps
+  if s['sampler'] == 'ancestral' and steps == num_timesteps:
+    return ''
+  tag = f'_{s["sampler"]}{steps}'
+  if s['spacing'] != 'uniform' and steps != num_timesteps:
+    tag += f'_{s["spacing"]}'
+  return tag + (f'_eta{s["eta"]:g}' if s['eta'] else '')
+
+
+def jit_sampler(config, mesh: Mesh):
+  """jit of (params, rng, batch) -> `sample_loop` samples [batch, H, W, C] in [-1, 1].
+
+  The model and sampling settings (sampler, num_steps, eta, spacing, clip_denoised) of `config`;
+  `batch` is static and must divide by the device count: the samples are sharded over the mesh's
+  `data` axis.
   """
   model, diffusion = unet.create_model(config), diffusion_lib.from_config(config)
   d = config.data
+  sampler_settings = settings(config)
+  check_settings(diffusion.num_timesteps, **sampler_settings)
 
   @functools.partial(jax.jit, static_argnums=2, out_shardings=parallel.data_sharding(mesh))
   def sample(params, rng, batch):
     model_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
-    return p_sample_loop(diffusion, model_fn, (batch, d.image_size, d.image_size, d.channels),
-                         rng, clip_denoised=config.sampling.clip_denoised, mesh=mesh)
+    return sample_loop(diffusion, model_fn, (batch, d.image_size, d.image_size, d.channels),
+                       rng, clip_denoised=config.sampling.clip_denoised, mesh=mesh,
+                       **sampler_settings)
   return sample

@@ -20,7 +20,8 @@ KEYS = ('train_images_per_sec', 'train_steps_per_sec', 'sample_steps_per_sec',
 def test_benchmark_prints_json_last():
   tiny = ['--config.model.ch=32', '--config.model.ch_mult=(1,2)', '--config.model.num_res_blocks=1',
           '--config.diffusion.num_timesteps=40', '--config.training.batch_size=8',
-          '--config.sampling.batch_size=8']
+          '--config.sampling.batch_size=8', '--config.sampling.sampler=ddim',
+          '--config.sampling.num_steps=10']
   command = [sys.executable, '-m', 'ddpm_jax.benchmark', '--config=configs/digits.py', *tiny,
              '--steps=2', '--warmup=1', '--scan_steps=2', '--matmul_size=256']
   out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
@@ -30,7 +31,10 @@ def test_benchmark_prints_json_last():
   for key in KEYS:
     if key not in ('device_kind', 'dtype'):
       assert math.isfinite(result[key]) and result[key] > 0, key
-  assert result['sample_images_per_sec'] == pytest.approx(result['sample_steps_per_sec'] * 8 / 40)
+  # The configured sampler: 10 DDIM steps of the 40.
+  assert (result['sampler'], result['sample_num_steps']) == ('ddim', 10)
+  assert result['sample_images_per_sec'] == pytest.approx(result['sample_steps_per_sec'] * 8 / 10)
+  assert result['sample_seconds_per_sample'] == pytest.approx(1 / result['sample_images_per_sec'])
 
 
 def test_xla_flags_keep_what_the_user_set():

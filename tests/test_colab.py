@@ -54,4 +54,4 @@ def test_notebook_runs_with_a_tiny_config(tmp_path, monkeypatch):
   text = ''.join(o.get('text', '') for o in outputs)
   assert 'At step 20' in text and 'Test bits/dim' in text
   figures = [o for o in outputs if 'image/png' in o.get('data', {})]
-  assert len(figures) == 6  # q, the loss, samples, Fig. 6, Fig. 8, bits/dim
+  assert len(figures) == 7  # q, the loss, samples, DDIM samples, Fig. 6, Fig. 8, bits/dim
