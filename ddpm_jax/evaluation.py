@@ -15,7 +15,6 @@ statistics) stores or is keyed by the settings it depends on and is recomputed w
 """
 import hashlib
 import json
-import os
 import time
 import zipfile
 
@@ -25,7 +24,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax import images, inference as inference_lib, input_pipeline, parallel, sampling
+from ddpm_jax import fid, images, inception_weights, inference as inference_lib, input_pipeline
+from ddpm_jax import parallel, sampling
 from ddpm_jax.errors import UserError
 
 
@@ -158,10 +158,6 @@ def _real_images(config, split: str, num_images=None) -> np.ndarray:
   return np.concatenate(out)
 
 
-def _cache_dir() -> epath.Path:
-  return epath.Path(os.environ.get('DDPM_JAX_CACHE', '~/.cache/ddpm_jax')).expanduser()
-
-
 def _params_digest(params) -> str:
   """A short hash of a parameter tree's values: which Inception weights computed a statistic."""
   digest = hashlib.sha256()
@@ -175,13 +171,12 @@ def _reference_statistics(config, split: str, inception_params, batch_size: int)
 
   The cache file is keyed by the dataset, split, image size, data_dir and the Inception weights.
   """
-  from ddpm_jax import fid
   d = config.data
   key = inference_lib.fingerprint({'dataset': d.dataset, 'split': split, 'size': d.image_size,
                                    'data_dir': d.data_dir,
                                    'inception': _params_digest(inception_params)})
   name = f'{d.dataset}_{split}_{d.image_size}_{hashlib.sha256(key.encode()).hexdigest()[:12]}'
-  path = _cache_dir() / 'fid_stats' / (name.replace('/', '_').replace(':', '_') + '.npz')
+  path = epath.Path(inception_weights.cache_dir()) / 'fid_stats' / (name.replace('/', '_').replace(':', '_') + '.npz')
   if path.exists():
     try:
       with path.open('rb') as f:
@@ -203,7 +198,6 @@ def _reference_statistics(config, split: str, inception_params, batch_size: int)
 
 def fid_metrics(config, samples: np.ndarray) -> dict:
   """FID against the train and test sets, KID against train, IS when the logits exist."""
-  from ddpm_jax import fid, inception_weights
   if config.data.channels != 3:
     raise UserError(f'FID needs RGB images, but {config.data.dataset} has '
                     f'{config.data.channels} channel(s); set --config.eval.num_samples=0.')

@@ -446,7 +446,7 @@ def _naming_undecodable_images(config, batches: Iterator[dict]) -> Iterator[dict
 def _undecodable_named(batches: Iterator[dict], folder: str) -> Iterator[dict]:
   try:
     yield from batches
-  except tf.errors.InvalidArgumentError as error:
+  except tf.errors.InvalidArgumentError:
     for path in _image_paths(folder):  # only after a failure: decoding each file costs a scan
       try:
         _decode(tf.io.read_file(path))
