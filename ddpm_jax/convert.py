@@ -1,4 +1,4 @@
-"""Pretrained models: import the authors' TF checkpoints or diffusers' DDPM models; export to diffusers.
+"""Pretrained models: import the authors' TF checkpoints or diffusers' models; export to diffusers.
 
   python -m ddpm_jax.convert --config=configs/cifar10.py --workdir=DIR --from=PATH
   python -m ddpm_jax.convert --config=configs/cifar10.py --workdir=DIR --to_diffusers=OUT
@@ -47,9 +47,9 @@ def read_weights(config, path: str) -> convert_tf.Weights:
   if prefix is not None:
     return convert_tf.read(prefix, config)
   if os.path.isdir(path) and convert_diffusers.find_model(path) is not None:
-    params, step = convert_diffusers.read(path, config)
+    params = convert_diffusers.read(path, config)
     return convert_tf.Weights(params=params, ema_params=params, adam_mu=None, adam_nu=None,
-                              step=step)
+                              step=0)
   raise UserError(f'--from={path} is neither a TF checkpoint (a directory with a `checkpoint` '
                   f'file, or a prefix with a .index file) nor a diffusers folder (model_index.json '
                   f'or config.json with {convert_diffusers.WEIGHTS}).')

@@ -77,7 +77,8 @@ def _unet_fields(unet: dict, config) -> dict:
         key == 'norm_eps' and math.isclose(value, ours)):
       raise UserError(f'The diffusers UNet has {key}={value!r}, which ddpm_jax\'s U-Net cannot '
                       f'express (it has {ours!r}).')
-  down, up, channels = list(c['down_block_types']), list(c['up_block_types']), c['block_out_channels']
+  down, up = list(c['down_block_types']), list(c['up_block_types'])
+  channels = list(c['block_out_channels'])
   attention = [kind == 'AttnDownBlock2D' for kind in down]
   if any(kind not in ('DownBlock2D', 'AttnDownBlock2D') for kind in down) or up != [
       'AttnUpBlock2D' if a else 'UpBlock2D' for a in attention[::-1]]:
@@ -175,7 +176,7 @@ def scheduler_config(config, *, check: bool = True) -> dict:
 
 
 def unet_config(config) -> dict:
-  """The UNet2DModel config.json of the config's U-Net; UserError if UNet2DModel cannot express it."""
+  """The UNet2DModel config.json of the config's U-Net; UserError if it cannot express it."""
   m, d = config.model, config.data
   if not m.resamp_with_conv:
     raise UserError('UNet2DModel always resamples with convolutions; ddpm_jax\'s '
@@ -201,9 +202,9 @@ def diffusers_key(path: weight_names.Path, num_levels: int) -> tuple[str, str]:
   if match:
     side, level, kind, index = match.groups()
     level = int(level) if side == 'down' else num_levels - 1 - int(level)
-    prefix = f'{side}_blocks.{level}.' + {'block': f'resnets.{index}', 'attn': f'attentions.{index}',
-                                          'downsample': 'downsamplers.0',
-                                          'upsample': 'upsamplers.0'}[kind]
+    part = {'block': f'resnets.{index}', 'attn': f'attentions.{index}',
+            'downsample': 'downsamplers.0', 'upsample': 'upsamplers.0'}[kind]
+    prefix = f'{side}_blocks.{level}.{part}'
   else:
     prefix = {'temb_dense0': 'time_embedding.linear_1', 'temb_dense1': 'time_embedding.linear_2',
               'norm_out': 'conv_norm_out', 'mid_block_1': 'mid_block.resnets.0',
@@ -259,8 +260,8 @@ def _flax_shape(layout: str, shape: tuple) -> tuple:
   return tuple(shape)
 
 
-def read(path: str, config) -> tuple[dict, int]:
-  """({flax path: float32 array}, 0) of a diffusers folder; warnings and UserErrors as documented."""
+def read(path: str, config) -> dict:
+  """{flax path: float32 array} of a diffusers folder; a warning line per config difference."""
   from safetensors import SafetensorError, numpy as safetensors_numpy
   unet_dir, scheduler_path = find_model(path)
   implied = _unet_fields(_read_json(os.path.join(unet_dir, 'config.json')), config)
@@ -297,7 +298,7 @@ def read(path: str, config) -> tuple[dict, int]:
     weight_names.check_shape(what, key, flax_path, array.shape, needed,
                              (shape, _flax_shape(layout, array.shape)))
     params[flax_path] = to_flax(layout, array.astype(np.float32))
-  return params, 0
+  return params
 
 
 def write(out: str, config, ema_params: dict) -> str:

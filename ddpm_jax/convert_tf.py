@@ -2,13 +2,14 @@
 
 Their `unet.model(..., name='model')` stores every weight under `model/`: scopes `temb/dense0`,
 `conv_in`, `down_<i>/block_<j>/{norm1,conv1,temb_proj,norm2,conv2,nin_shortcut}`,
-`down_<i>/attn_<j>/{norm,q,k,v,proj_out}`, `down_<i>/downsample/conv`, `mid/{block_1,attn_1,block_2}`,
-`up_<i>/...`, `up_<i>/upsample/conv`, `norm_out`, `conv_out`; convolutions and dense layers hold
-`W` (conv [kh, kw, in, out], dense and 1x1 `nin` [in, out], as flax's kernels) and `b`,
-`tf.contrib.layers.group_norm` holds `gamma` and `beta`. Training adds the
-`tf.train.ExponentialMovingAverage` shadows `<var>/ExponentialMovingAverage` (what their evaluation
-samples with), Adam's slots `<var>/Adam` and `<var>/Adam_1`, `beta1_power`, `beta2_power` and
-`global_step`. The checkpoint is read with `tf.train.load_checkpoint`; no TF graph is built.
+`down_<i>/attn_<j>/{norm,q,k,v,proj_out}`, `down_<i>/downsample/conv`,
+`mid/{block_1,attn_1,block_2}`, `up_<i>/...`, `up_<i>/upsample/conv`, `norm_out`, `conv_out`.
+Convolutions and dense layers hold `W` (conv [kh, kw, in, out], dense and 1x1 `nin` [in, out], as
+flax's kernels) and `b`; `tf.contrib.layers.group_norm` holds `gamma` and `beta`. Training adds
+the `tf.train.ExponentialMovingAverage` shadows `<var>/ExponentialMovingAverage` (what their
+evaluation samples with), Adam's slots `<var>/Adam` and `<var>/Adam_1`, `beta1_power`,
+`beta2_power` and `global_step`. The checkpoint is read with `tf.train.load_checkpoint`; no TF
+graph is built.
 """
 import dataclasses
 import os
@@ -36,18 +37,32 @@ class Weights:
   step: int
 
 
+def _step_of(prefix: str) -> int:
+  match = re.search(r'-(\d+)$', prefix)
+  return int(match.group(1)) if match else -1
+
+
 def checkpoint_prefix(path: str) -> Optional[str]:
-  """The TF checkpoint that `path` names (a directory's latest, a prefix or one of its files)."""
+  """The TF checkpoint that `path` names: a prefix, one of its files, or a directory's latest.
+
+  A directory's latest is the one its `checkpoint` file names (looked up beside it: the file may
+  hold the path of the bucket it was trained in), else the highest-numbered `*.index`.
+  """
   import tensorflow as tf
-  if os.path.isdir(path):
-    return tf.train.latest_checkpoint(path) if os.path.exists(os.path.join(path, 'checkpoint')) \
-        else None
-  prefix = _CHECKPOINT_SUFFIXES.sub('', path)
-  return prefix if os.path.exists(prefix + '.index') else None
+  if not os.path.isdir(path):
+    prefix = _CHECKPOINT_SUFFIXES.sub('', path)
+    return prefix if os.path.exists(prefix + '.index') else None
+  prefixes = sorted((name[:-len('.index')] for name in os.listdir(path) if name.endswith('.index')),
+                    key=_step_of)
+  state = tf.train.get_checkpoint_state(path)  # None without a `checkpoint` file
+  named = os.path.basename(state.model_checkpoint_path) if state else None
+  if named in prefixes:
+    return os.path.join(path, named)
+  return os.path.join(path, prefixes[-1]) if prefixes else None
 
 
 def tf_name(path: weight_names.Path) -> str:
-  """The authors' variable of a flax path: down_0_block_1/conv1/kernel -> model/down_0/block_1/conv1/W."""
+  """The authors' variable of a flax path, e.g. model/down_0/block_1/conv1/W."""
   module, *inner, leaf = path
   scope = re.sub(r'^(down|up)_(\d+)_', r'\1_\2/', module)
   scope = re.sub(r'^(mid|temb)_', r'\1/', scope)
@@ -117,7 +132,7 @@ def read(prefix: str, config) -> Weights:
     raise UserError(f'{what} has no {name}/{EMA} but holds other EMA shadows; it is incomplete.')
   with_adam = all(n in slots[ADAM_M] and n in slots[ADAM_V] for n in names.values())
   if not with_adam:
-    logging.info('%s lacks Adam slots for some variables; the optimizer state starts fresh.', prefix)
+    logging.info('%s lacks Adam slots for some variables; the optimizer starts afresh.', prefix)
   step = int(reader.get_tensor('global_step')) if 'global_step' in shapes else 0
   return Weights(params=params, ema_params=ema_params,
                  adam_mu=tensors('/' + ADAM_M) if with_adam else None,

@@ -1,4 +1,4 @@
-"""What the U-Net's parameters are called elsewhere, and the user errors of a name or shape mismatch.
+"""What the U-Net's parameters are called elsewhere; the errors of a name or shape mismatch.
 
 Our parameters are addressed by their flax paths, e.g. `('down_0_block_1', 'conv1', 'kernel')`.
 `convert_tf` and `convert_diffusers` map these paths to the authors' TF variable names and to
@@ -64,6 +64,10 @@ def shape_hint(path: Path, expected: tuple, got: tuple) -> str:
   return 'model.ch_mult'
 
 
+def _capitalized(text: str) -> str:
+  return text[:1].upper() + text[1:]
+
+
 def check_names(what: str, missing: Iterable[tuple[str, Path]], extra: Iterable[str]) -> None:
   """UserError for the first weight of the model missing from `what`, or the first extra one.
 
@@ -73,11 +77,11 @@ def check_names(what: str, missing: Iterable[tuple[str, Path]], extra: Iterable[
   missing, extra = list(missing), sorted(extra)
   if missing:
     name, path = missing[0]
-    raise UserError(f'{what[0].upper()}{what[1:]} has no {name}, which this config\'s model needs for '
-                    f'{"/".join(path)}; {structure_hint(name)} probably differs.')
+    raise UserError(f'{_capitalized(what)} has no {name}, which this config\'s model needs '
+                    f'for {"/".join(path)}; {structure_hint(name)} probably differs.')
   if extra:
-    raise UserError(f'{what[0].upper()}{what[1:]} holds {extra[0]}, which this config\'s model has no place for; '
-                    f'{structure_hint(extra[0])} probably differs.')
+    raise UserError(f'{_capitalized(what)} holds {extra[0]}, which this config\'s model has '
+                    f'no place for; {structure_hint(extra[0])} probably differs.')
 
 
 def check_shape(what: str, name: str, path: Path, source_shape: tuple, needed_shape: tuple,
