@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     'scikit-learn>=1.5',  # the embedded digits dataset
     'pillow>=10',
     'matplotlib>=3.8',
+    'safetensors>=0.8.0,<0.9',  # diffusers' weights, read and written without torch
 ]
 
 setuptools.setup(

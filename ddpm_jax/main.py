@@ -64,7 +64,7 @@ def main(argv) -> None:
   run(_CONFIG.value, workdir, _MODE.value)
 
 
-def _parse_flags(argv):
+def parse_flags(argv):
   """absl's parsing; a bad --config (no such file, an unknown field) is one line, status 1."""
   try:
     remaining = FLAGS(argv)
@@ -81,13 +81,16 @@ def _parse_flags(argv):
   sys.exit(1)
 
 
-def _main_with_user_errors(argv) -> None:
-  try:
-    main(argv)
-  except UserError as error:
-    print(error, file=sys.stderr)
-    sys.exit(1)
+def with_user_errors(main_fn):
+  """`main_fn(argv)`, printing a UserError's message alone on stderr and exiting with status 1."""
+  def main_or_exit(argv) -> None:
+    try:
+      main_fn(argv)
+    except UserError as error:
+      print(error, file=sys.stderr)
+      sys.exit(1)
+  return main_or_exit
 
 
 if __name__ == '__main__':
-  app.run(_main_with_user_errors, flags_parser=_parse_flags)
+  app.run(with_user_errors(main), flags_parser=parse_flags)
