@@ -12,12 +12,11 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from configs import cifar10, lsun_church256
-from ddpm_jax import checkpointing, convert, convert_diffusers, parallel, sample_job, train, unet
+from ddpm_jax import checkpointing, convert, parallel, sample_job, train, unet
 from ddpm_jax import weight_names
 from ddpm_jax.errors import UserError
 
