@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -150,11 +151,33 @@ def _restore_step(manager, step: int, args_fn: Callable[[PyTree], ocp.args.Check
 
   What was read must be finite (else a NonFiniteError: the step is damaged).
   """
+  _quiet_reads_of_damaged_checkpoints()
   metadata = manager.item_metadata(step).tree
   check(step, metadata)
   tree = manager.restore(step, args=args_fn(metadata))
   check_finite(tree)
   return tree
+
+
+def _is_a_read_finishing_after_its_loop(unraisable) -> bool:
+  """When one array of a checkpoint fails to read, Orbax's asyncio loop ends at once; TensorStore
+  then reports each of the other reads, as it finishes, to the closed loop (one traceback each)."""
+  return (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == 'Event loop is closed' and unraisable.object is None)
+
+
+def _quiet_reads_of_damaged_checkpoints() -> None:
+  """Drops the tracebacks of `_is_a_read_finishing_after_its_loop`; other ones still print."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_late_reads', False):
+    return
+
+  def hook(unraisable):
+    if not _is_a_read_finishing_after_its_loop(unraisable):
+      previous(unraisable)
+
+  hook.drops_late_reads = True
+  sys.unraisablehook = hook
 
 
 def _restore_newest_readable(manager, args_fn, check) -> tuple[int, PyTree, list]:
