@@ -10,6 +10,7 @@ damaged, and none is ever written (`save` refuses). One trainer at a time holds 
 (`workdir_lock`). Workdirs may be local or any `etils.epath` path (`gs://`).
 """
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import flax.serialization
@@ -154,16 +156,31 @@ def _restore_step(manager, step: int, args_fn: Callable[[PyTree], ocp.args.Check
   _quiet_reads_of_damaged_checkpoints()
   metadata = manager.item_metadata(step).tree
   check(step, metadata)
-  tree = manager.restore(step, args=args_fn(metadata))
+  try:
+    tree = manager.restore(step, args=args_fn(metadata))
+  except Exception:
+    _collect_abandoned_reads()
+    raise
   check_finite(tree)
   return tree
 
 
+def _collect_abandoned_reads() -> None:
+  """Collects, now and quietly, the reads Orbax abandoned when one array failed: later, Python
+  would warn about each (and collecting them inside `compile` can crash Python 3.11)."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings('ignore', "coroutine '.*' was never awaited", RuntimeWarning)
+    gc.collect()
+
+
 def _is_a_read_finishing_after_its_loop(unraisable) -> bool:
-  """When one array of a checkpoint fails to read, Orbax's asyncio loop ends at once; TensorStore
-  then reports each of the other reads, as it finishes, to the closed loop (one traceback each)."""
-  return (isinstance(unraisable.exc_value, RuntimeError)
-          and str(unraisable.exc_value) == 'Event loop is closed' and unraisable.object is None)
+  """When one array of a checkpoint fails to read, Orbax's asyncio loop ends at once: TensorStore
+  then reports each of the other reads, as it finishes, to the closed loop, and the reads still
+  pending are closed when collected; Python prints a traceback for every one of them."""
+  code = getattr(unraisable.object, 'cr_code', None)  # an abandoned coroutine of Orbax's
+  return ((code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename)
+          or (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+              and str(unraisable.exc_value) == 'Event loop is closed'))
 
 
 def _quiet_reads_of_damaged_checkpoints() -> None:
