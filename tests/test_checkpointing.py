@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 
 import flax.serialization
 import jax
@@ -112,6 +113,123 @@ def test_a_damaged_latest_checkpoint_falls_back_and_is_kept(tmp_path, caplog, ho
   moved = tmp_path / 'checkpoints_damaged' / '2'
   assert sorted(str(p.relative_to(moved)) for p in moved.rglob('*')) == files_before
   manager.close()
+
+
+def _with_nan(where: str, value=np.nan):
+  """_small_state_dict with `value` in one entry of `where` ('opt_state' or 'ema_params')."""
+  def state_dict_fn(step):
+    state = _small_state_dict(step)
+    arrays = state['opt_state']['1']['0']['mu'] if where == 'opt_state' else state['ema_params']
+    arrays['dense_0']['kernel'] = np.array(arrays['dense_0']['kernel'])
+    arrays['dense_0']['kernel'][1, 2] = value
+    return state
+  return state_dict_fn
+
+
+@pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
+def test_a_checkpoint_with_nan_or_inf_counts_as_damaged(tmp_path, caplog):
+  _write_checkpoints(tmp_path, [1])
+  _write_checkpoints(tmp_path, [2], _with_nan('opt_state'))  # Adam's mu, as flipped bytes do
+  _write_checkpoints(tmp_path, [3], _with_nan('ema_params', np.inf))
+  template = jax.tree.map(np.zeros_like, _small_state_dict(0)['params'])
+  with caplog.at_level(logging.WARNING):
+    assert checkpointing.restore_ema_params(str(tmp_path), template)[0] == 2  # its EMA is fine
+  assert re.search(r'The checkpoint at step 3 .* is damaged \(NonFiniteError: '
+                   r'ema_params/dense_0/kernel holds NaN or infinite values\); using step 2.',
+                   caplog.text)
+  with pytest.raises(UserError, match=r'The checkpoint at step 2 .* cannot be used '
+                                      r'\(NonFiniteError: opt_state/1/0/mu/dense_0/kernel holds NaN'):
+    checkpointing.restore_state_dict(str(tmp_path), step=2)
+  assert int(checkpointing.restore_state_dict(str(tmp_path))['step']) == 1
+  assert checkpoint_steps(tmp_path) == [1, 2, 3]  # reading never moves
+
+  manager = checkpointing.create_manager(str(tmp_path), tiny_digits_config().training)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                        _small_state_dict(0))
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    step, state = checkpointing.restore_for_training(manager, str(tmp_path), target)
+  manager.close()
+  assert step == 1 and checkpoint_steps(tmp_path) == [1]
+  assert sorted(p.name for p in (tmp_path / 'checkpoints_damaged').iterdir()) == ['2', '3']
+  assert caplog.text.count('resumed from step 1.') == 2
+  np.testing.assert_array_equal(state['params']['dense_0']['kernel'], np.full((2, 3), 1.))
+
+
+def test_only_nan_checkpoints_are_one_sentence_and_nothing_is_moved(tmp_path):
+  _write_checkpoints(tmp_path, [2], _with_nan('opt_state'))
+  manager = checkpointing.create_manager(str(tmp_path), tiny_digits_config().training)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                        _small_state_dict(0))
+  with pytest.raises(UserError, match=r'^No checkpoint in .* can be used \(step 2: '
+                                      r'NonFiniteError: opt_state/1/0/mu/dense_0/kernel'):
+    checkpointing.restore_for_training(manager, str(tmp_path), target)
+  manager.close()
+  assert checkpoint_steps(tmp_path) == [2]
+
+
+def test_save_refuses_a_state_that_is_not_finite(tmp_path):
+  manager = checkpointing.create_manager(str(tmp_path), tiny_digits_config().training)
+  with pytest.raises(checkpointing.NonFiniteError, match='ema_params/dense_0/kernel'):
+    checkpointing.save(manager, 5, _with_nan('ema_params')(5))
+  manager.close()
+  assert checkpoint_steps(tmp_path) == []
+
+
+def _lock_of(pid: int, host: str = socket.gethostname(), start=None, heartbeat=None) -> str:
+  return json.dumps({'host': host, 'pid': pid, 'start': start,
+                     'heartbeat': time.time() if heartbeat is None else heartbeat})
+
+
+def test_the_workdir_lock_refuses_a_live_trainer_and_takes_over_dead_ones(tmp_path, caplog):
+  lock = tmp_path / checkpointing.LOCK
+  lock.write_text(_lock_of(os.getpid(), start=checkpointing._process_start_time(os.getpid())))
+  with pytest.raises(UserError, match=re.escape(
+      f'Another trainer (pid {os.getpid()} on {socket.gethostname()}) is using '
+      f'--workdir={tmp_path}; wait for it to finish, stop it, or pass another --workdir.')):
+    with checkpointing.workdir_lock(str(tmp_path)):
+      pass
+  with pytest.raises(UserError, match='Another trainer'):  # another host, heartbeat fresh
+    lock.write_text(_lock_of(1, host='elsewhere'))
+    with checkpointing.workdir_lock(str(tmp_path)):
+      pass
+
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  stale = [_lock_of(dead.pid), _lock_of(os.getpid(), start='0'),  # a reused pid is not it
+           _lock_of(1, host='elsewhere', heartbeat=time.time() - checkpointing.LOCK_STALE_S - 1),
+           '{"host": "half written']
+  for text in stale:
+    lock.write_text(text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      with checkpointing.workdir_lock(str(tmp_path)):
+        assert json.loads(lock.read_text())['pid'] == os.getpid()
+    assert 'Taking over' in caplog.text and 'no longer runs' in caplog.text
+    assert not lock.exists()  # released
+
+
+def test_a_workdir_that_is_a_file_is_one_sentence(tmp_path):
+  workdir = tmp_path / 'file'
+  workdir.write_text('not a directory')
+  for workdir_text in (str(workdir), str(workdir / 'below')):
+    with pytest.raises(UserError, match=rf'^Cannot write to --workdir={re.escape(workdir_text)} '
+                                        r'\((FileExistsError|NotADirectoryError): .*\); pass a '
+                                        r'directory you can write to.$'):
+      with checkpointing.workdir_lock(workdir_text):
+        pass
+  assert workdir.read_text() == 'not a directory'
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes to read-only directories')
+def test_a_read_only_workdir_is_one_sentence(tmp_path):
+  tmp_path.chmod(0o555)
+  try:
+    with pytest.raises(UserError, match=r'^Cannot write to --workdir=.*PermissionError'):
+      with checkpointing.workdir_lock(str(tmp_path)):
+        pass
+  finally:
+    tmp_path.chmod(0o755)
 
 
 def _main_command(workdir, num_train_steps: int) -> list[str]:
