@@ -242,7 +242,7 @@ def _environment() -> dict:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step_exits_0_and_a_rerun_resumes(tmp_path):
+def test_sigterm_saves_the_current_step_exits_75_and_a_rerun_resumes(tmp_path):
   process = subprocess.Popen(_main_command(tmp_path, 10_000), cwd=ROOT, env=_environment(),
                              stderr=subprocess.PIPE, text=True)
   seen = []
@@ -253,8 +253,9 @@ def test_sigterm_saves_the_current_step_exits_0_and_a_rerun_resumes(tmp_path):
   process.send_signal(signal.SIGTERM)
   seen.append(process.communicate(timeout=300)[1])
   log = ''.join(seen)
-  assert process.returncode == 0, log[-3000:]
-  preempted_at = int(re.search(r'Preempted: saved the checkpoint at step (\d+)', log).group(1))
+  assert process.returncode == 75, log[-3000:]  # main.EXIT_PREEMPTED: a rerun resumes
+  preempted_at = int(re.search(r'Stopped by SIGTERM: saved the checkpoint at step (\d+)',
+                               log).group(1))
   assert checkpoint_steps(tmp_path)[-1] == preempted_at > 4
 
   rerun = subprocess.run(_main_command(tmp_path, preempted_at + 2), cwd=ROOT, env=_environment(),
