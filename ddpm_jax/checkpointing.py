@@ -376,6 +376,7 @@ def workdir_lock(workdir) -> Iterator[None]:
   process has ended (on this host: its pid is gone; on another host: no heartbeat for
   LOCK_STALE_S) is taken over with a warning. Only process 0 of a multi-process run locks.
   """
+  checkpoint_dir(workdir)  # a filesystem Orbax cannot write to is a UserError
   if jax.process_index() > 0:
     yield
     return
