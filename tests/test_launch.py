@@ -560,6 +560,19 @@ def test_local_dry_run():
       f'--config.training.num_train_steps=10']
 
 
+def test_local_waits_for_the_trainer_to_save_on_ctrl_c(tmp_path):
+  # Ctrl-C reaches the whole foreground group; the stand-in trainer takes 1 s to "save".
+  python = fake_python(tmp_path, f"trap 'sleep 1; echo saved > {tmp_path}/saved; exit 75' INT; "
+                                 f"touch {tmp_path}/started; while true; do sleep 0.1; done")
+  process = subprocess.Popen([sys.executable, os.path.join(LAUNCH, 'local.py'),
+                              f'--python={python}', f'--workdir={tmp_path}/w'],
+                             start_new_session=True, stderr=subprocess.PIPE, text=True)
+  assert wait_for(tmp_path / 'started') is not None
+  os.killpg(process.pid, signal.SIGINT)
+  assert process.wait(timeout=30) == 75, process.stderr.read()
+  assert (tmp_path / 'saved').read_text().strip() == 'saved'
+
+
 def test_local_runs_in_the_foreground_and_returns_the_status(tmp_path):
   python = fake_python(tmp_path, f'pwd > {tmp_path}/cwd.txt; exit 4')
   result = launch('local.py', f'--python={python}', '--config=configs/cifar10.py',
