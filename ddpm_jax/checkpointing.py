@@ -39,7 +39,7 @@ LOCK_STALE_S = 600  # a lock from another host that is older than this is taken 
 
 
 class NonFiniteError(ValueError):
-  """A state holds a NaN or an infinity; `name` is the first such array ('opt_state/0/mu/...')."""
+  """A state holds a NaN or an infinity; `name` is the first such array ('opt_state/1/0/mu/...')."""
 
   def __init__(self, name: str):
     super().__init__(f'{name} holds NaN or infinite values')
@@ -102,7 +102,7 @@ def _path_name(path) -> str:
   return '/'.join(str(getattr(key, 'key', getattr(key, 'idx', key))) for key in path)
 
 
-def check_finite(tree: PyTree) -> None:
+def _check_finite(tree: PyTree) -> None:
   """A NonFiniteError naming the first array of `tree` (numpy or replicated) with a NaN or inf."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     value = _local_copy(leaf)
@@ -118,7 +118,7 @@ def save(manager: ocp.CheckpointManager, step: int, state_dict: PyTree) -> None:
   with a NaN or an infinity anywhere is not saved: a NonFiniteError names the array.
   """
   host_state_dict = jax.tree.map(_local_copy, state_dict)
-  check_finite(host_state_dict)
+  _check_finite(host_state_dict)
   manager.save(step, args=ocp.args.StandardSave(host_state_dict), force=True)
 
 
@@ -161,7 +161,7 @@ def _restore_step(manager, step: int, args_fn: Callable[[PyTree], ocp.args.Check
   except Exception:
     _collect_abandoned_reads()
     raise
-  check_finite(tree)
+  _check_finite(tree)
   return tree
 
 

@@ -177,7 +177,7 @@ def train_and_evaluate(config, workdir, *, mesh: Optional[Mesh] = None,
 
 
 def _create_writer(workdir) -> metric_writers.MetricWriter:
-  """TensorBoard summaries in the workdir, from process 0 (the console gets `_log_line`)."""
+  """TensorBoard summaries in the workdir, from process 0 (the console gets `_log`'s lines)."""
   if jax.process_index() > 0:
     return metric_writers.MultiWriter([])
   return metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.fspath(workdir)))
