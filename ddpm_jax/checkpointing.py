@@ -356,16 +356,25 @@ def _acquire(workdir) -> epath.Path:
     logging.warning('Taking over %s from a trainer that no longer runs (%s).', path,
                     f'pid {holder["pid"]} on {holder["host"]}' if holder else 'unreadable')
     path.unlink(missing_ok=True)
-  mine = json.dumps(_this_process())
+  draft = _lock_draft(path)
   if '://' in os.fspath(workdir):
-    path.write_text(mine)  # object stores have no exclusive create; the check above must do
-  else:
-    try:  # exclusive create: of two trainers starting together, one gets the lock
-      with open(os.fspath(path), 'x') as f:
-        f.write(mine)
-    except FileExistsError:
-      return _acquire(workdir)
+    draft.replace(path)  # object stores have no exclusive create; the check above must do
+    return path
+  try:  # an exclusive, complete create: of two trainers starting together, one gets the lock
+    os.link(draft, path)
+  except FileExistsError:
+    return _acquire(workdir)
+  finally:
+    draft.unlink()
   return path
+
+
+def _lock_draft(path: epath.Path) -> epath.Path:
+  """This process's lock, written whole beside `path`, to be moved there: a reader never sees
+  a half-written lock."""
+  draft = path.parent / f'{LOCK}.{os.getpid()}.tmp'
+  draft.write_text(json.dumps(_this_process()))
+  return draft
 
 
 @contextlib.contextmanager
@@ -390,7 +399,7 @@ def workdir_lock(workdir) -> Iterator[None]:
   def heartbeat():
     while not stop.wait(LOCK_HEARTBEAT_S):
       try:
-        path.write_text(json.dumps(_this_process()))
+        _lock_draft(path).replace(path)
       except Exception as error:  # pylint: disable=broad-except  (storage hiccups; try again)
         logging.warning('Could not refresh %s (%s).', path, _one_line(error))
 

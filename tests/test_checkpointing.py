@@ -209,6 +209,14 @@ def test_the_workdir_lock_refuses_a_live_trainer_and_takes_over_dead_ones(tmp_pa
     assert not lock.exists()  # released
 
 
+def test_the_lock_holder_keeps_its_heartbeat_fresh(tmp_path, monkeypatch):
+  monkeypatch.setattr(checkpointing, 'LOCK_HEARTBEAT_S', 0.05)
+  with checkpointing.workdir_lock(str(tmp_path)):
+    first = json.loads((tmp_path / checkpointing.LOCK).read_text())['heartbeat']
+    time.sleep(0.5)
+    assert json.loads((tmp_path / checkpointing.LOCK).read_text())['heartbeat'] > first
+
+
 def test_a_workdir_that_is_a_file_is_one_sentence(tmp_path):
   workdir = tmp_path / 'file'
   workdir.write_text('not a directory')
