@@ -11,7 +11,7 @@ SIGTERM (preemption) or Ctrl-C after saving its current step: rerun the same com
 reruns on 75 and on crashes, and stops on 0 and 1).
 
 The console shows this package's progress and every library's warnings; Orbax's, JAX's and
-TensorFlow's INFO lines come back with --verbosity=1.
+TensorFlow's INFO lines come back with --verbosity=1, their DEBUG lines with --verbosity=2.
 """
 import os
 
@@ -68,11 +68,12 @@ def run(config, workdir: str, mode: str) -> bool:
 
 
 class _LibraryInfoFilter(python_logging.Filter):
-  """Drops other packages' INFO (and DEBUG) records unless --verbosity is 1 or more."""
+  """Other packages' INFO only with --verbosity=1 or more, their DEBUG with 2 or more."""
 
   def filter(self, record: python_logging.LogRecord) -> bool:
-    return (record.levelno >= python_logging.WARNING or FLAGS.verbosity >= 1
-            or record.pathname.startswith(_PACKAGE_DIR))
+    if record.levelno >= python_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR):
+      return True
+    return FLAGS.verbosity >= (1 if record.levelno >= python_logging.INFO else 2)
 
 
 def main(argv) -> None:
