@@ -5,13 +5,20 @@ A checkpoint holds the train state as a nested dict (`flax.serialization.to_stat
 and atomic (Orbax writes a temporary directory and commits it), so a crash or a failed run never
 overwrites a checkpoint. A checkpoint that cannot be read is skipped for the previous one with a
 warning; training moves it to `WORKDIR/checkpoints_damaged/<step>/` so that it can be inspected
-and the run can save that step again. Workdirs may be local or any `etils.epath` path (`gs://`).
+and the run can save that step again. A checkpoint holding a NaN or an infinity counts as
+damaged, and none is ever written (`save` refuses). One trainer at a time holds a workdir
+(`workdir_lock`). Workdirs may be local or any `etils.epath` path (`gs://`).
 """
 import contextlib
+import gc
+import json
 import os
 import signal
+import socket
+import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import flax.serialization
@@ -26,6 +33,17 @@ from ddpm_jax.errors import UserError
 PyTree = Any
 CHECKPOINTS = 'checkpoints'
 DAMAGED_CHECKPOINTS = 'checkpoints_damaged'
+LOCK = 'train.lock'
+LOCK_HEARTBEAT_S = 60  # how often the holder rewrites its lock
+LOCK_STALE_S = 600  # a lock from another host that is older than this is taken over
+
+
+class NonFiniteError(ValueError):
+  """A state holds a NaN or an infinity; `name` is the first such array ('opt_state/1/0/mu/...')."""
+
+  def __init__(self, name: str):
+    super().__init__(f'{name} holds NaN or infinite values')
+    self.name = name
 
 
 def checkpoint_dir(workdir) -> epath.Path:
@@ -42,8 +60,16 @@ def checkpoint_dir(workdir) -> epath.Path:
   return (path / CHECKPOINTS) if scheme else (path.resolve() / CHECKPOINTS)
 
 
+def _writable_error(workdir, error: OSError) -> UserError:
+  return UserError(f'Cannot write to --workdir={workdir} ({_one_line(error)}); pass a directory '
+                   f'you can write to.')
+
+
 def create_manager(workdir, training_config) -> ocp.CheckpointManager:
-  """The training run's manager: the `keep` latest plus every `keep_every`-th step (0: none)."""
+  """The training run's manager: the `keep` latest plus every `keep_every`-th step (0: none).
+
+  A workdir that is a file, or cannot be written, is a UserError.
+  """
   policies = [ocp.checkpoint_managers.LatestN(training_config.keep)]
   if training_config.keep_every > 0:
     policies.append(ocp.checkpoint_managers.EveryNSteps(training_config.keep_every))
@@ -51,7 +77,12 @@ def create_manager(workdir, training_config) -> ocp.CheckpointManager:
       create=True, enable_async_checkpointing=True,
       cleanup_tmp_directories=True,  # saves that never committed (a crash mid-save)
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+  directory = checkpoint_dir(workdir)
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise _writable_error(workdir, error) from None
+  return ocp.CheckpointManager(directory, options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
 
 
@@ -67,18 +98,28 @@ def _local_copy(x):
   return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
+def _path_name(path) -> str:
+  return '/'.join(str(getattr(key, 'key', getattr(key, 'idx', key))) for key in path)
+
+
+def _check_finite(tree: PyTree) -> None:
+  """A NonFiniteError naming the first array of `tree` (numpy or replicated) with a NaN or inf."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    value = _local_copy(leaf)
+    if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+      raise NonFiniteError(_path_name(path))
+
+
 def save(manager: ocp.CheckpointManager, step: int, state_dict: PyTree) -> None:
   """Starts an asynchronous save of the replicated `state_dict` as step `step`.
 
   The arrays are copied to host memory first: Orbax then writes them once, from process 0,
-  without compiling a copy for every array shape (which costs minutes on a CPU mesh).
+  without compiling a copy for every array shape (which costs minutes on a CPU mesh). A state
+  with a NaN or an infinity anywhere is not saved: a NonFiniteError names the array.
   """
   host_state_dict = jax.tree.map(_local_copy, state_dict)
+  _check_finite(host_state_dict)
   manager.save(step, args=ocp.args.StandardSave(host_state_dict), force=True)
-
-
-def _path_name(path) -> str:
-  return '/'.join(str(getattr(key, 'key', getattr(key, 'idx', key))) for key in path)
 
 
 def _shapes_by_name(tree: PyTree) -> dict[str, tuple[int, ...]]:
@@ -108,10 +149,52 @@ def _one_line(error: Exception) -> str:
 
 def _restore_step(manager, step: int, args_fn: Callable[[PyTree], ocp.args.CheckpointArgs],
                   check: Callable[[int, PyTree], None]) -> PyTree:
-  """Reads step `step`: its metadata, `check(step, metadata)`, then `args_fn(metadata)`."""
+  """Reads step `step`: its metadata, `check(step, metadata)`, then `args_fn(metadata)`.
+
+  What was read must be finite (else a NonFiniteError: the step is damaged).
+  """
+  _quiet_reads_of_damaged_checkpoints()
   metadata = manager.item_metadata(step).tree
   check(step, metadata)
-  return manager.restore(step, args=args_fn(metadata))
+  try:
+    tree = manager.restore(step, args=args_fn(metadata))
+  except Exception:
+    _collect_abandoned_reads()
+    raise
+  _check_finite(tree)
+  return tree
+
+
+def _collect_abandoned_reads() -> None:
+  """Collects, now and quietly, the reads Orbax abandoned when one array failed: later, Python
+  would warn about each (and collecting them inside `compile` can crash Python 3.11)."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings('ignore', "coroutine '.*' was never awaited", RuntimeWarning)
+    gc.collect()
+
+
+def _is_a_read_finishing_after_its_loop(unraisable) -> bool:
+  """When one array of a checkpoint fails to read, Orbax's asyncio loop ends at once: TensorStore
+  then reports each of the other reads, as it finishes, to the closed loop, and the reads still
+  pending are closed when collected; Python prints a traceback for every one of them."""
+  code = getattr(unraisable.object, 'cr_code', None)  # an abandoned coroutine of Orbax's
+  return ((code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename)
+          or (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+              and str(unraisable.exc_value) == 'Event loop is closed'))
+
+
+def _quiet_reads_of_damaged_checkpoints() -> None:
+  """Drops the tracebacks of `_is_a_read_finishing_after_its_loop`; other ones still print."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_late_reads', False):
+    return
+
+  def hook(unraisable):
+    if not _is_a_read_finishing_after_its_loop(unraisable):
+      previous(unraisable)
+
+  hook.drops_late_reads = True
+  sys.unraisablehook = hook
 
 
 def _restore_newest_readable(manager, args_fn, check) -> tuple[int, PyTree, list]:
@@ -129,8 +212,9 @@ def _restore_newest_readable(manager, args_fn, check) -> tuple[int, PyTree, list
     except Exception as error:  # pylint: disable=broad-except  (any failure to read)
       unreadable.append((step, error))
   step, error = unreadable[0]
-  raise UserError(f'No checkpoint in {manager.directory} can be read (step {step}: '
-                  f'{_one_line(error)}); check that its files are intact and readable.')
+  raise UserError(f'No checkpoint in {manager.directory} can be used (step {step}: '
+                  f'{_one_line(error)}); check that its files are intact and readable, or move '
+                  f'the directory away to start afresh.')
 
 
 def _move_aside(workdir, step: int) -> epath.Path:
@@ -195,8 +279,8 @@ def _restore_read_only(workdir, step: Optional[int], args_fn, check) -> tuple[in
     except UserError:
       raise
     except Exception as error:  # pylint: disable=broad-except  (any failure to read)
-      raise UserError(f'The checkpoint at step {step} in {checkpoint_dir(workdir)} cannot be read '
-                      f'({_one_line(error)}); choose another step.') from error
+      raise UserError(f'The checkpoint at step {step} in {checkpoint_dir(workdir)} cannot be used '
+                      f'({_one_line(error)}); choose another step.') from None
 
 
 def restore_state_dict(workdir, step: Optional[int] = None) -> dict:
@@ -221,23 +305,141 @@ def restore_ema_params(workdir, params_template: PyTree,
   return found, flax.serialization.from_state_dict(params_template, tree['ema_params'])
 
 
-@contextlib.contextmanager
-def watch_for_preemption(manager: ocp.CheckpointManager) -> Iterator[Callable[[int], bool]]:
-  """Yields `preempted(step) -> bool`: True once the job should save and stop.
+def _process_start_time(pid: int) -> Optional[str]:
+  """When process `pid` started (Linux: /proc/PID/stat field 22), or None if there is none."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
 
-  One process: a SIGTERM handler (installed for the duration) sets a flag. Several processes:
-  JAX's preemption service (it watches SIGTERM on every host) returns True at the same step on
-  all of them, so they save together.
+
+def _this_process() -> dict:
+  return {'host': socket.gethostname(), 'pid': os.getpid(),
+          'start': _process_start_time(os.getpid()), 'heartbeat': time.time()}
+
+
+def _holder_runs(holder: dict) -> bool:
+  """Whether the process that wrote a lock still runs: by its pid on this host, else by age."""
+  if holder.get('host') != socket.gethostname():
+    return time.time() - holder.get('heartbeat', 0) < LOCK_STALE_S
+  start = _process_start_time(holder['pid'])
+  if start is not None or holder.get('start') is not None:
+    return start == holder.get('start')  # a reused pid is another process
+  try:
+    os.kill(holder['pid'], 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass
+  return True
+
+
+def _read_lock(path: epath.Path) -> Optional[dict]:
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    return None
+  except (ValueError, OSError):  # half written, or garbage: no live trainer left it like that
+    return {}
+
+
+def _acquire(workdir) -> epath.Path:
+  """Writes WORKDIR/train.lock for this process; a UserError when a live trainer holds it."""
+  path = epath.Path(workdir) / LOCK
+  holder = _read_lock(path)
+  if holder is not None:
+    if holder and _holder_runs(holder):
+      raise UserError(f'Another trainer (pid {holder["pid"]} on {holder["host"]}) is using '
+                      f'--workdir={workdir}; wait for it to finish, stop it, or pass another '
+                      f'--workdir.')
+    logging.warning('Taking over %s from a trainer that no longer runs (%s).', path,
+                    f'pid {holder["pid"]} on {holder["host"]}' if holder else 'unreadable')
+    path.unlink(missing_ok=True)
+  draft = _lock_draft(path)
+  if '://' in os.fspath(workdir):
+    draft.replace(path)  # object stores have no exclusive create; the check above must do
+    return path
+  try:  # an exclusive, complete create: of two trainers starting together, one gets the lock
+    os.link(draft, path)
+  except FileExistsError:
+    return _acquire(workdir)
+  finally:
+    draft.unlink()
+  return path
+
+
+def _lock_draft(path: epath.Path) -> epath.Path:
+  """This process's lock, written whole beside `path`, to be moved there: a reader never sees
+  a half-written lock."""
+  draft = path.parent / f'{LOCK}.{os.getpid()}.tmp'
+  draft.write_text(json.dumps(_this_process()))
+  return draft
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir) -> Iterator[None]:
+  """Holds WORKDIR/train.lock (host, pid) while training, so a second trainer refuses.
+
+  Creates the workdir: one that is a file or cannot be written is a UserError. A lock whose
+  process has ended (on this host: its pid is gone; on another host: no heartbeat for
+  LOCK_STALE_S) is taken over with a warning. Only process 0 of a multi-process run locks.
+  """
+  checkpoint_dir(workdir)  # a filesystem Orbax cannot write to is a UserError
+  if jax.process_index() > 0:
+    yield
+    return
+  try:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    path = _acquire(workdir)
+  except OSError as error:
+    raise _writable_error(workdir, error) from None
+  stop = threading.Event()
+
+  def heartbeat():
+    while not stop.wait(LOCK_HEARTBEAT_S):
+      try:
+        _lock_draft(path).replace(path)
+      except Exception as error:  # pylint: disable=broad-except  (storage hiccups; try again)
+        logging.warning('Could not refresh %s (%s).', path, _one_line(error))
+
+  thread = threading.Thread(target=heartbeat, name='workdir_lock_heartbeat', daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    stop.set()
+    thread.join()
+    path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def watch_for_preemption(manager: ocp.CheckpointManager) -> Iterator[Callable[[int], str]]:
+  """Yields `preempted(step) -> str`: '' while training goes on, the signal's name once the job
+  should save and stop.
+
+  One process: handlers of SIGTERM (preemption) and SIGINT (Ctrl-C), installed for the
+  duration, note the signal; a second Ctrl-C interrupts at once (KeyboardInterrupt), without
+  saving. Several processes: JAX's preemption service (it watches SIGTERM on every host) says
+  'SIGTERM' at the same step on all of them, so they save together; Ctrl-C interrupts.
   """
   if jax.process_count() > 1:
-    yield manager.reached_preemption
+    yield lambda step: 'SIGTERM' if manager.reached_preemption(step) else ''
     return
   if threading.current_thread() is not threading.main_thread():  # signals reach the main thread
-    yield lambda step: False
+    yield lambda step: ''
     return
-  received = threading.Event()
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.set())
+  received = []
+
+  def note(signum, frame):
+    del frame
+    received.append(signal.Signals(signum).name)
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  previous = {signum: signal.signal(signum, note) for signum in (signal.SIGTERM, signal.SIGINT)}
   try:
-    yield lambda step: received.is_set()
+    yield lambda step: received[0] if received else ''
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)

@@ -7,6 +7,8 @@ the device count. `train_and_evaluate` is the loop of the Flax imagenet example:
 initialise, step, log, sample, checkpoint, stop cleanly on preemption or divergence.
 """
 import functools
+import os
+import time
 from typing import Any, Callable, Iterator, Optional
 
 import flax
@@ -17,11 +19,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpointing, diffusion as diffusion_lib, images, input_pipeline, parallel
-from ddpm_jax import sampling, unet
+from ddpm_jax import checkpointing, config_validation, diffusion as diffusion_lib, images
+from ddpm_jax import input_pipeline, parallel, sampling, unet
 from ddpm_jax.errors import UserError
 
 PyTree = Any
@@ -147,25 +149,50 @@ def train_and_evaluate(config, workdir, *, mesh: Optional[Mesh] = None,
                        ) -> TrainState:
   """Trains to `config.training.num_train_steps`, resuming from `workdir`; returns the state.
 
-  A run stopped by preemption (SIGTERM) saves its current step and returns early (the returned
-  state's step is short of num_train_steps); rerunning with the same workdir resumes from it.
+  A run stopped by preemption (SIGTERM) or Ctrl-C (SIGINT) saves its current step and returns
+  early (the returned state's step is short of num_train_steps); rerunning with the same
+  workdir resumes from it. The workdir is locked meanwhile (a second trainer refuses).
   `mesh` defaults to all devices; `create_train_iterator(config, start_step=s)` yields the local
   batches of steps s, s + 1, ... (the input pipeline by default).
   """
+  config_validation.validate(config)
   mesh = mesh or parallel.make_mesh()
   parallel.check_divisible(config.training.batch_size, mesh)
-  manager = checkpointing.create_manager(workdir, config.training)  # checks the workdir first
-  input_pipeline.num_examples(config, 'train')  # then the data (cached), before the model
-  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
-  try:
-    with checkpointing.watch_for_preemption(manager) as preempted:
-      state = restore_or_create_train_state(config, workdir, mesh, manager)
-      return _train_loop(config, state, mesh, manager, writer, preempted,
-                         create_train_iterator(config, start_step=int(state.step)))
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+  with checkpointing.workdir_lock(workdir):  # checks that the workdir can be written first
+    manager = checkpointing.create_manager(workdir, config.training)
+    input_pipeline.num_examples(config, 'train')  # then the data (cached), before the model
+    writer = _create_writer(workdir)
+    try:
+      with checkpointing.watch_for_preemption(manager) as preempted:
+        state = restore_or_create_train_state(config, workdir, mesh, manager)
+        _warn_if_another_seed(config, state)
+        logging.info('Training to step %d: checkpoints go to %s, TensorBoard metrics to %s.',
+                     config.training.num_train_steps, checkpointing.checkpoint_dir(workdir),
+                     workdir)
+        return _train_loop(config, state, mesh, manager, writer, preempted,
+                           create_train_iterator(config, start_step=int(state.step)))
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+      writer.flush()
+
+
+def _create_writer(workdir) -> metric_writers.MetricWriter:
+  """TensorBoard summaries in the workdir, from process 0 (the console gets `_log`'s lines)."""
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(os.fspath(workdir)))
+
+
+def _warn_if_another_seed(config, state: TrainState) -> None:
+  """A resumed run continues the checkpoint's random stream, whatever config.seed says."""
+  if int(state.step) == 0:
+    return
+  _, expected = jax.random.split(jax.random.PRNGKey(config.seed))
+  if not np.array_equal(jax.device_get(state.rng.addressable_data(0)), np.asarray(expected)):
+    logging.warning('The checkpoint at step %d was trained with another seed than config.seed='
+                    '%d; training continues with the checkpoint\'s random numbers.',
+                    int(state.step), config.seed)
 
 
 def _compile_on_every_process(config, mesh: Mesh, state: TrainState, grid_rng):
@@ -191,49 +218,84 @@ def _compile_on_every_process(config, mesh: Mesh, state: TrainState, grid_rng):
 
 
 def _train_loop(config, state, mesh, manager, writer, preempted, train_iter) -> TrainState:
+  """Steps to num_train_steps; logs every log_every steps, saves every checkpoint_every (either
+  0: only at the last step), stops early when `preempted(step)` names a signal."""
   tc = config.training
   grid_rng = _replicate_host_values(  # the same x_T every time
       mesh, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
   p_train_step, sample_grid = _compile_on_every_process(config, mesh, state, grid_rng)
-  report_progress = periodic_actions.ReportProgress(num_train_steps=tc.num_train_steps,
-                                                    writer=writer, every_steps=tc.log_every)
+  last_good_step = int(state.step) or None  # restored checkpoints are checked finite
   history = []  # (step, metrics) not yet checked for divergence
+  throughput = _Throughput(int(state.step), tc.num_train_steps)
   for step in range(int(state.step) + 1, tc.num_train_steps + 1):  # `step`: updates done
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       state, metrics = p_train_step(state, parallel.global_batch(mesh, next(train_iter)))
     history.append((step, metrics))
-    report_progress(step)
-    if step % tc.log_every == 0 or step == tc.num_train_steps:
-      _raise_if_diverged(history, manager.latest_step())
-      _write_mean_metrics(writer, step, [metrics for _, metrics in history])
+    last = step == tc.num_train_steps
+    if last or _every(step, tc.log_every):
+      _raise_if_diverged(history, last_good_step)
+      _log(writer, step, [metrics for _, metrics in history], throughput)
       history = []
     if sample_grid is not None and step % tc.sample_every == 0:
-      with report_progress.timed('sample'):
-        samples = parallel.to_host(sample_grid(state.ema_params, grid_rng))
-        grid = images.image_grid(images.to_uint8(samples[:tc.num_grid_samples]))
-        writer.write_images(step, {'samples': grid[None]})
-    stop = preempted(step)
-    if stop or step % tc.checkpoint_every == 0 or step == tc.num_train_steps:
-      _save_if_finite(manager, step, state, history)
-    if stop:
-      logging.warning('Preempted: saved the checkpoint at step %d; rerun the same command to '
-                      'resume.', step)
+      samples = parallel.to_host(sample_grid(state.ema_params, grid_rng))
+      grid = images.image_grid(images.to_uint8(samples[:tc.num_grid_samples]))
+      writer.write_images(step, {'samples': grid[None]})
+    signal_name = preempted(step)
+    if signal_name or last or _every(step, tc.checkpoint_every):
+      _save_if_finite(manager, step, state, history, last_good_step)
+      last_good_step = step
+      if not tc.log_every:
+        history = []  # checked; no log step will need them
+    if signal_name:
+      logging.warning('Stopped by %s: saved the checkpoint at step %d; rerun the same command '
+                      'to resume.', signal_name, step)
       break
   return state
 
 
-def _write_mean_metrics(writer, step: int, metrics: list[dict]) -> None:
+def _every(step: int, every: int) -> bool:
+  return every > 0 and step % every == 0
+
+
+class _Throughput:
+  """Steps per second since the previous report, and the time the remaining steps need."""
+
+  def __init__(self, step: int, num_train_steps: int):
+    self._step, self._time = step, time.monotonic()
+    self.num_train_steps = num_train_steps
+
+  def report(self, step: int) -> tuple[float, float]:
+    now = time.monotonic()
+    steps_per_sec = (step - self._step) / max(now - self._time, 1e-9)
+    self._step, self._time = step, now
+    return steps_per_sec, (self.num_train_steps - step) / steps_per_sec
+
+
+def _format_seconds(seconds: float) -> str:
+  minutes, seconds = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
+
+
+def _log(writer, step: int, metrics: list[dict], throughput: _Throughput) -> None:
+  """The mean metrics since the last log step, to TensorBoard and as one console line."""
   host_metrics = jax.device_get(metrics)
-  writer.write_scalars(step, {name: float(np.mean([m[name] for m in host_metrics]))
-                              for name in host_metrics[0]})
+  names = sorted(host_metrics[0], key=lambda name: name != 'loss')  # the loss first
+  means = {name: float(np.mean([m[name] for m in host_metrics])) for name in names}
+  steps_per_sec, eta_seconds = throughput.report(step)
+  writer.write_scalars(step, {**means, 'steps_per_sec': steps_per_sec})
+  logging.info('[%d/%d] %s, %.1f steps/s, ETA %s', step, throughput.num_train_steps,
+               ', '.join(f'{name}={value:.4g}' for name, value in means.items()), steps_per_sec,
+               _format_seconds(eta_seconds))
 
 
-def _save_if_finite(manager, step: int, state: TrainState, history) -> None:
-  """Saves `state` unless a step since the last check diverged (then a UserError).
-
-  Finite losses and gradient norms imply finite parameters: clipped (or Adam-normalised)
-  updates of finite gradients are bounded, so this check keeps NaNs out of checkpoints.
-  """
-  _raise_if_diverged(history, manager.latest_step())
+def _save_if_finite(manager, step: int, state: TrainState, history,
+                    last_good_step: Optional[int]) -> None:
+  """Saves `state` unless a step since the last check diverged or it holds a NaN or an
+  infinity (then a UserError naming the last good checkpoint)."""
+  _raise_if_diverged(history, last_good_step)
   logging.info('Saving the checkpoint at step %d.', step)
-  checkpointing.save(manager, step, flax.serialization.to_state_dict(state))
+  try:
+    checkpointing.save(manager, step, flax.serialization.to_state_dict(state))
+  except checkpointing.NonFiniteError as error:
+    raise _divergence_error(str(error), step, last_good_step) from None

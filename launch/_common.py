@@ -11,12 +11,17 @@ import argparse
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from typing import List, NoReturn, Optional, Sequence, Tuple, Union
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 USAGE_ERROR = 2  # exit status for bad input, as argparse uses
+# ddpm_jax.main's exit statuses (its docstring): 1 for a mistake to fix (rerunning cannot help),
+# 75 (EX_TEMPFAIL) when SIGTERM or Ctrl-C stopped training after it saved (a rerun resumes).
+MISTAKE = 1
+PREEMPTED = 75
 
 Command = Union[List[str], str]  # argv, or a line for `bash -c`
 
@@ -98,7 +103,12 @@ class Runner:
       return 0
     print(f'+ {text}', file=sys.stderr, flush=True)
     argv = ['bash', '-c', command] if isinstance(command, str) else command
-    returncode = subprocess.call(argv, cwd=cwd)
+    # Ctrl-C reaches the command too: wait for it to stop (a trainer saves first), then go on.
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+      returncode = subprocess.call(argv, cwd=cwd)
+    finally:
+      signal.signal(signal.SIGINT, previous)
     if check and returncode:
       raise CommandFailed(f'this command failed with exit status {returncode}: {text}',
                           returncode)
@@ -151,21 +161,29 @@ def train_argv(python: str, config: str, workdir: str, mode: str,
 
 def retry_loop(train_command: str, status_file: str, max_restarts: int,
                restart_delay_s: int) -> str:
-  """A bash loop that reruns `train_command` until it exits 0, at most `max_restarts` times.
+  """A bash loop that reruns `train_command` until it exits 0, or 1 (a mistake to fix).
 
   Every rerun is the same command, so it resumes from the latest checkpoint in the workdir.
-  The final word, `done` or `failed`, goes to `status_file` (a path already shell-ready).
+  After a preemption (exit status 75) it always reruns; after a crash (any other status) at
+  most `max_restarts` times. The final word, `done` or `failed`, goes to `status_file` (a path
+  already shell-ready).
   """
   return (
-      f'export PYTHONUNBUFFERED=1; rm -f {status_file}; restarts=0; '
-      f'until echo "[launch] $(date -u): run $((restarts + 1))"; {train_command}; do rc=$?; '
-      f'if [ "$restarts" -ge {max_restarts} ]; then '
+      f'export PYTHONUNBUFFERED=1; rm -f {status_file}; runs=0; restarts=0; '
+      f'while true; do runs=$((runs + 1)); echo "[launch] $(date -u): run $runs"; '
+      f'{train_command}; rc=$?; '
+      f'if [ "$rc" -eq 0 ]; then echo done > {status_file}; exit 0; fi; '
+      f'if [ "$rc" -eq {MISTAKE} ]; then '
+      f'echo "[launch] exit status {MISTAKE}: fix the command or the config; not restarting"; '
+      f'echo failed > {status_file}; exit "$rc"; fi; '
+      f'if [ "$rc" -eq {PREEMPTED} ]; then '
+      f'echo "[launch] exit status {PREEMPTED} (preempted): resuming in {restart_delay_s}s"; '
+      f'else if [ "$restarts" -ge {max_restarts} ]; then '
       f'echo "[launch] exit status $rc after {max_restarts} restarts: giving up"; '
       f'echo failed > {status_file}; exit "$rc"; fi; '
       f'restarts=$((restarts + 1)); '
       f'echo "[launch] exit status $rc: restart $restarts/{max_restarts} in {restart_delay_s}s, '
-      f'resuming from the latest checkpoint"; sleep {restart_delay_s}; done; '
-      f'echo done > {status_file}')
+      f'resuming from the latest checkpoint"; fi; sleep {restart_delay_s}; done')
 
 
 def stop_job(pid_file: str) -> str:
@@ -196,7 +214,9 @@ def add_job_flags(parser: argparse.ArgumentParser, default_config: str) -> None:
 
 def add_retry_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--max-restarts', type=nonnegative_int, default=10,
-                      help='reruns after a crash before giving up (default: %(default)s)')
+                      help='reruns after a crash before giving up; preemptions (exit status '
+                           f'{PREEMPTED}) always rerun, mistakes (exit status {MISTAKE}) never '
+                           '(default: %(default)s)')
   parser.add_argument('--restart-delay', type=nonnegative_int, default=60, metavar='SECONDS',
                       help='pause before a rerun (default: %(default)s)')
 

@@ -9,7 +9,8 @@
   1. with --install: `pip install -e .[cuda]` into the Python given by --python;
   2. `python -m ddpm_jax.main ...` from the repository, detached (nohup + setsid, so it outlives
      this shell and its ssh session), its output appended to ~/ddpm_jax_logs/NAME.log, inside a
-     loop that reruns the same command after a crash. The trainer resumes from the latest
+     loop that reruns the same command after a preemption (exit status 75) or a crash, and
+     stops on success or a mistake (exit status 1). The trainer resumes from the latest
      checkpoint in the workdir, so a rerun (or starting again) resumes. Starting again stops
      the running job of that --name first.
 JAX uses every local GPU (choose with CUDA_VISIBLE_DEVICES). Everything after `--` goes to

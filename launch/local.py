@@ -7,7 +7,8 @@
   launch/local.py --mode=sample --dry-run
 
 The command runs from the repository (so `configs/...` resolves) and its exit status is this
-script's. Ctrl-C stops it; rerunning resumes from the latest checkpoint in the workdir.
+script's. Ctrl-C makes training save its current step and stop (exit status 75); rerunning
+resumes from the latest checkpoint in the workdir.
 Everything after `--` goes to ddpm_jax.main unchanged.
 """
 from __future__ import annotations

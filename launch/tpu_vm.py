@@ -14,7 +14,8 @@
      --git-url; a Python venv made with uv; `pip install -e .[tpu]`;
   3. on every worker, the same `python -m ddpm_jax.main ...` (on a pod, the trainer calls
      jax.distributed.initialize() itself), detached (nohup + setsid) with its log in
-     ~/ddpm_jax_logs/train.log, inside a loop that reruns it after a crash. The trainer resumes
+     ~/ddpm_jax_logs/train.log, inside a loop that reruns it after a preemption (exit status
+     75) or a crash, and stops on success or a mistake (exit status 1). The trainer resumes
      from the latest checkpoint in the workdir, so rerunning `up` also resumes.
 
 Preemption: a preempted Spot or preemptible TPU VM cannot be restarted, only recreated. With
@@ -282,7 +283,8 @@ def watch(args, run: Runner) -> int:
         info('training finished')
         return 0
       if status == 'failed':
-        raise CommandFailed(f'training gave up after {args.max_restarts} restarts: see '
+        raise CommandFailed(f'training stopped on a mistake or gave up after '
+                            f'{args.max_restarts} restarts: see '
                             f'`launch/tpu_vm.py logs --name={args.name}`.')
     elif summary == 'GONE':
       info(f'{detail}: recreating {args.name} and restarting the job')

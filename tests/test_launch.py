@@ -190,7 +190,7 @@ def test_tpu_pod_dry_run():
   assert 'pip install --quiet -e ".[tpu]"' in install_script
   assert 'tar -xzf ddpm_jax-src.tar.gz' in install_script
   loop = bash_c_argument(flag(start, 'command'))
-  assert 'until ' in loop and 'resuming from the latest checkpoint' in loop
+  assert 'while true' in loop and 'resuming from the latest checkpoint' in loop
   assert train_command(loop) == [
       '.venv/bin/python', '-m', 'ddpm_jax.main', '--config=configs/cifar10.py',
       '--workdir=gs://bucket/cifar10', '--mode=train', '--config.training.batch_size=256',
@@ -433,7 +433,7 @@ def test_gpu_dry_run():
   assert train_command(loop) == [
       '/opt/py/bin/python', '-m', 'ddpm_jax.main', '--config=configs/cifar10.py',
       '--workdir=gs://b/w', '--mode=train', '--config.training.batch_size=256']
-  assert 'until ' in loop
+  assert 'while true' in loop
   assert len(launch('gpu.py', 'start', '--dry-run', '--workdir=w').stdout.splitlines()) == 1
 
 
@@ -505,19 +505,42 @@ def test_gpu_stop_kills_the_job(tmp_path):
       pass
 
 
-def test_retry_loop_gives_up_after_max_restarts(tmp_path):
+def _run_retry_loop(tmp_path, statuses, max_restarts=2):
+  """Runs the retry loop over a command whose k-th run exits with statuses[k]; (result, runs)."""
   sys.path.insert(0, LAUNCH)
   try:
     import _common  # pylint: disable=import-outside-toplevel
   finally:
     sys.path.remove(LAUNCH)
-  status = tmp_path / 'status'
-  loop = _common.retry_loop(f'echo run >> {tmp_path}/runs; (exit 5)', str(status), 2, 0)
+  runs = tmp_path / 'runs'
+  command = (f'echo run >> {runs}; (exit $(sed -n "$(wc -l < {runs})p" <<< '
+             f'"{chr(10).join(map(str, statuses))}"))')
+  loop = _common.retry_loop(command, str(tmp_path / 'status'), max_restarts, 0)
   result = subprocess.run([BASH, '-c', loop], capture_output=True, text=True, timeout=30)
+  return result, runs.read_text().count('run')
+
+
+def test_retry_loop_gives_up_after_max_restarts(tmp_path):
+  result, runs = _run_retry_loop(tmp_path, [5, 5, 5, 5])
   assert result.returncode == 5
-  assert status.read_text().strip() == 'failed'
-  assert (tmp_path / 'runs').read_text().count('run') == 3  # the first run and 2 restarts
+  assert (tmp_path / 'status').read_text().strip() == 'failed'
+  assert runs == 3  # the first run and 2 restarts
   assert 'giving up' in result.stdout
+
+
+def test_retry_loop_resumes_preemptions_and_stops_on_a_mistake(tmp_path):
+  # Preemptions (75) do not count as restarts: 3 of them and 2 crashes still end in success.
+  (tmp_path / 'preempted').mkdir()
+  result, runs = _run_retry_loop(tmp_path / 'preempted', [75, 3, 75, 75, 3, 0])
+  assert result.returncode == 0, result.stdout
+  assert (tmp_path / 'preempted' / 'status').read_text().strip() == 'done' and runs == 6
+  assert result.stdout.count('exit status 75 (preempted): resuming') == 3
+
+  (tmp_path / 'mistake').mkdir()
+  result, runs = _run_retry_loop(tmp_path / 'mistake', [3, 1, 0])
+  assert result.returncode == 1 and runs == 2  # a crash reruns, a mistake (1) stops
+  assert (tmp_path / 'mistake' / 'status').read_text().strip() == 'failed'
+  assert 'exit status 1: fix the command or the config; not restarting' in result.stdout
 
 
 def test_gpu_logs_and_stop_dry_run(tmp_path):
@@ -535,6 +558,19 @@ def test_local_dry_run():
       f'cd {shlex.quote(ROOT)} && python3 -m ddpm_jax.main --config=configs/digits.py '
       f'--workdir={os.path.join(ROOT, "workdir_digits")} --mode=train '
       f'--config.training.num_train_steps=10']
+
+
+def test_local_waits_for_the_trainer_to_save_on_ctrl_c(tmp_path):
+  # Ctrl-C reaches the whole foreground group; the stand-in trainer takes 1 s to "save".
+  python = fake_python(tmp_path, f"trap 'sleep 1; echo saved > {tmp_path}/saved; exit 75' INT; "
+                                 f"touch {tmp_path}/started; while true; do sleep 0.1; done")
+  process = subprocess.Popen([sys.executable, os.path.join(LAUNCH, 'local.py'),
+                              f'--python={python}', f'--workdir={tmp_path}/w'],
+                             start_new_session=True, stderr=subprocess.PIPE, text=True)
+  assert wait_for(tmp_path / 'started') is not None
+  os.killpg(process.pid, signal.SIGINT)
+  assert process.wait(timeout=30) == 75, process.stderr.read()
+  assert (tmp_path / 'saved').read_text().strip() == 'saved'
 
 
 def test_local_runs_in_the_foreground_and_returns_the_status(tmp_path):

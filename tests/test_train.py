@@ -1,7 +1,10 @@
 """Training: the device count does not matter, resuming is exact, EMA and warmup, divergence."""
 import functools
+import logging
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -11,7 +14,7 @@ from jax.sharding import Mesh
 from configs import cifar10
 from ddpm_jax import checkpointing, input_pipeline, parallel, train
 from ddpm_jax.errors import UserError
-from tests.conftest import tiny_digits_config
+from tests.conftest import checkpoint_steps, tiny_digits_config
 
 
 def _config(num_train_steps: int = 12):
@@ -130,6 +133,45 @@ def test_a_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
   state = checkpointing.restore_state_dict(str(tmp_path))
   assert int(state['step']) == 4
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+
+
+def test_a_state_that_is_not_finite_is_not_saved_and_the_last_good_checkpoint_is_named(tmp_path):
+  config = _config()
+  manager = checkpointing.create_manager(str(tmp_path), config.training)
+  ones = {'w': np.ones(3, np.float32)}
+  state = train.TrainState(step=np.int32(6), params=ones, opt_state={},
+                           ema_params={'w': np.array([1, np.inf, 1], np.float32)},
+                           rng=np.asarray(jax.random.PRNGKey(0)))
+  with pytest.raises(UserError, match=re.escape(
+      'Training diverged: ema_params/w holds NaN or infinite values at step 6; the last good '
+      'checkpoint (step 4) is kept; lower optim.learning_rate')):
+    train._save_if_finite(manager, 6, state, [], last_good_step=4)
+  manager.close()
+  assert not (tmp_path / 'checkpoints' / '6').exists()
+
+
+def test_resuming_with_another_seed_warns_once(caplog):
+  config = _config()
+  state = train.TrainState(step=jnp.int32(3), params={}, ema_params={}, opt_state={},
+                           rng=jax.random.split(jax.random.PRNGKey(0))[1])
+  with caplog.at_level(logging.WARNING):
+    train._warn_if_another_seed(config, state)  # seed 0: its own stream
+    assert not caplog.text
+    config.seed = 1
+    train._warn_if_another_seed(config, state)
+  assert caplog.text.count('The checkpoint at step 3 was trained with another seed than '
+                           'config.seed=1; training continues') == 1
+
+
+def test_every_zero_logs_and_saves_the_last_step_only(tmp_path, caplog):
+  config = _config(num_train_steps=3)
+  config.training.log_every = 0
+  config.training.checkpoint_every = 0
+  with caplog.at_level(logging.INFO):
+    assert int(train.train_and_evaluate(config, str(tmp_path)).step) == 3
+  assert checkpoint_steps(tmp_path) == [3]
+  assert re.findall(r'\[(\d+)/3\] loss=', caplog.text) == ['3']
+  assert not (tmp_path / checkpointing.LOCK).exists()
 
 
 def test_a_batch_not_divisible_by_the_devices_is_a_clear_error(tmp_path):

@@ -1,0 +1,229 @@
+"""Checks a whole config before anything starts: each field's type and range, then combinations.
+
+`validate(config)` raises a `UserError` whose one sentence names the field, its value and what
+is allowed. A field is one line of `FIELDS` (a field missing from the config is skipped, so a
+config of an older version still validates); a combination of fields is one function of
+`COMBINATIONS`. `*_every` fields take 0 for "never" where the loop has a use for that: 0 log
+steps, checkpoints, sample grids or permanent checkpoints mean only the last step (and a
+preemption) logs or saves, none are drawn, none are kept.
+"""
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+from ddpm_jax import diffusion
+from ddpm_jax.errors import UserError
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+class Rule(NamedTuple):
+  allows: Callable[[Any], bool]
+  allowed: str  # what is allowed, for the message: "an integer >= 1"
+
+
+def _is_integer(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return (_is_integer(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def integer(minimum: int, zero_means: Optional[str] = None) -> Rule:
+  """An integer >= `minimum`; with `zero_means`, also 0 (which means that)."""
+  if zero_means is None:
+    return Rule(lambda v: _is_integer(v) and v >= minimum, f'an integer >= {minimum}')
+  return Rule(lambda v: _is_integer(v) and (v >= minimum or v == 0),
+              f'an integer >= {minimum}, or 0 for {zero_means}')
+
+
+def interval(low: float, high: float, *, low_open: bool = False, high_open: bool = True) -> Rule:
+  """A number in [low, high) by default; `low_open`/`high_open` exclude the ends."""
+  def allows(v):
+    return (_is_number(v) and (v > low if low_open else v >= low)
+            and (v < high if high_open else v <= high))
+  return Rule(allows, f'a number in {"(" if low_open else "["}{low}, {high}'
+                      f'{")" if high_open else "]"}')
+
+
+def positive() -> Rule:
+  return Rule(lambda v: _is_number(v) and v > 0, 'a number > 0')
+
+
+def at_least_zero() -> Rule:
+  return Rule(lambda v: _is_number(v) and v >= 0, 'a number >= 0')
+
+
+def one_of(*choices) -> Rule:
+  return Rule(lambda v: v in choices, 'one of ' + ', '.join(map(repr, choices)))
+
+
+def boolean() -> Rule:
+  return Rule(lambda v: isinstance(v, bool), 'True or False')
+
+
+def text() -> Rule:
+  return Rule(lambda v: isinstance(v, str) and bool(v), 'a non-empty string')
+
+
+def integers(minimum: int, *, non_empty: bool) -> Rule:
+  """A tuple (or list) of integers >= `minimum`."""
+  return Rule(lambda v: (isinstance(v, (tuple, list)) and (bool(v) or not non_empty)
+                         and all(_is_integer(x) and x >= minimum for x in v)),
+              f'a {"non-empty " if non_empty else ""}tuple of integers >= {minimum}')
+
+
+FIELDS = {
+    'seed': integer(0),
+    'data.dataset': text(),
+    'data.image_size': integer(1),
+    'data.channels': one_of(1, 3),
+    'data.random_flip': boolean(),
+    'data.shuffle_buffer': integer(1),
+    'data.eval_split': text(),
+    'model.ch': integer(1),
+    'model.ch_mult': integers(1, non_empty=True),
+    'model.num_res_blocks': integer(1),
+    'model.attn_resolutions': integers(1, non_empty=False),
+    'model.dropout': interval(0, 1),
+    'model.resamp_with_conv': boolean(),
+    'model.num_groups': integer(1),
+    'model.dtype': one_of(*DTYPES),
+    'diffusion.beta_schedule': one_of(*diffusion.BETA_SCHEDULES),
+    'diffusion.beta_start': interval(0, 1, low_open=True),
+    'diffusion.beta_end': interval(0, 1, low_open=True),
+    'diffusion.num_timesteps': integer(1),
+    'diffusion.model_mean_type': one_of(*diffusion.MODEL_MEAN_TYPES),
+    'diffusion.model_var_type': one_of(*diffusion.MODEL_VAR_TYPES),
+    'diffusion.loss_type': one_of(*diffusion.LOSS_TYPES),
+    'training.batch_size': integer(1),
+    'training.num_train_steps': integer(1),
+    'training.log_every': integer(1, zero_means='the last step only'),
+    'training.checkpoint_every': integer(1, zero_means='the last step (and preemption) only'),
+    'training.keep': integer(1),
+    'training.keep_every': integer(1, zero_means='none kept permanently'),
+    'training.sample_every': integer(1, zero_means='no sample grids'),
+    'training.num_grid_samples': integer(1),
+    'training.ema_decay': interval(0, 1),
+    'optim.learning_rate': positive(),
+    'optim.warmup_steps': integer(0),
+    'optim.grad_clip': at_least_zero(),
+    'optim.beta1': interval(0, 1),
+    'optim.beta2': interval(0, 1),
+    'optim.eps': positive(),
+    'sampling.num_samples': integer(1),
+    'sampling.batch_size': integer(1),
+    'sampling.clip_denoised': boolean(),
+    'sampling.step': Rule(lambda v: _is_integer(v) and v >= -1,
+                          'a checkpoint step >= 0, or -1 for the latest'),
+    'sampling.name': text(),
+    'sampling.progressive_every': integer(1, zero_means='no Fig. 6'),
+    'sampling.interpolate_t': integer(1, zero_means='no Fig. 8'),
+    'sampling.interpolate_lambdas': integer(2),
+    'eval.bpd_num_images': integer(1, zero_means='no bits/dim'),
+    'eval.bpd_batch_size': integer(1),
+    'eval.num_samples': integer(1, zero_means='no FID'),
+    'eval.inception_batch_size': integer(1),
+}
+
+
+def _levels(config) -> int:
+  return len(config.model.ch_mult)
+
+
+def _image_size_fits_the_unet(config) -> Optional[str]:
+  factor = 2**(_levels(config) - 1)
+  if config.data.image_size % factor:
+    return (f'data.image_size={config.data.image_size} must be a multiple of {factor}: the '
+            f'U-Net halves it {_levels(config) - 1} times (model.ch_mult has {_levels(config)} '
+            f'levels).')
+  return None
+
+
+def _groups_divide_the_channels(config) -> Optional[str]:
+  m = config.model
+  for channels in sorted({m.ch * mult for mult in (1, *m.ch_mult)}):
+    if channels % m.num_groups:
+      return (f'model.num_groups={m.num_groups} must divide every level\'s channel count '
+              f'(model.ch * model.ch_mult: {channels} is not divisible by it).')
+  return None
+
+
+def _attention_resolutions_exist(config) -> Optional[str]:
+  resolutions = [config.data.image_size // 2**i for i in range(_levels(config))]
+  missing = [r for r in config.model.attn_resolutions if r not in resolutions]
+  if missing:
+    return (f'model.attn_resolutions={tuple(config.model.attn_resolutions)} names {missing[0]}, '
+            f'but the U-Net\'s resolutions are {", ".join(map(str, resolutions))}.')
+  return None
+
+
+def _permanent_checkpoints_are_saved(config) -> Optional[str]:
+  t = config.training
+  if t.keep_every and (not t.checkpoint_every or t.keep_every % t.checkpoint_every):
+    return (f'training.keep_every={t.keep_every} must be a multiple of '
+            f'training.checkpoint_every={t.checkpoint_every}: permanent checkpoints are chosen '
+            f'among the saved ones (keep_every=0 keeps none).')
+  return None
+
+
+def _betas_increase(config) -> Optional[str]:
+  d = config.diffusion
+  if d.beta_start > d.beta_end:
+    return (f'diffusion.beta_start={d.beta_start} must not exceed '
+            f'diffusion.beta_end={d.beta_end}.')
+  return None
+
+
+def _learned_variance_has_a_loss(config) -> Optional[str]:
+  d = config.diffusion
+  if d.loss_type == 'mse' and d.model_var_type.startswith('learned'):
+    return (f'diffusion.model_var_type={d.model_var_type!r} is learned only by '
+            f"diffusion.loss_type='kl'; with loss_type='mse' use 'fixedlarge' or 'fixedsmall'.")
+  return None
+
+
+def _interpolation_step_is_in_the_chain(config) -> Optional[str]:
+  t, num_timesteps = config.sampling.interpolate_t, config.diffusion.num_timesteps
+  if t >= num_timesteps:
+    return (f'sampling.interpolate_t={t} must be below diffusion.num_timesteps='
+            f'{num_timesteps} (0 for no Fig. 8).')
+  return None
+
+
+def _fid_has_rgb_images(config) -> Optional[str]:
+  if config.data.dataset != 'digits' and config.eval.num_samples > 0 and config.data.channels != 3:
+    return (f'eval.num_samples={config.eval.num_samples} asks for FID, which needs RGB images, '
+            f'but data.channels={config.data.channels}; set eval.num_samples=0.')
+  return None
+
+
+COMBINATIONS = (_image_size_fits_the_unet, _groups_divide_the_channels,
+                _attention_resolutions_exist, _permanent_checkpoints_are_saved, _betas_increase,
+                _learned_variance_has_a_loss, _interpolation_step_is_in_the_chain,
+                _fid_has_rgb_images)
+
+
+def _lookup(config, field: str):
+  """The value of a dotted field, or a missing-marker when the config has no such field."""
+  node = config
+  for name in field.split('.'):
+    if name not in node:
+      return _MISSING
+    node = node[name]
+  return node
+
+
+_MISSING = object()
+
+
+def validate(config) -> None:
+  """Raises a UserError, one sentence, at the first field or combination that is not allowed."""
+  for field, rule in FIELDS.items():
+    value = _lookup(config, field)
+    if value is not _MISSING and not rule.allows(value):
+      raise UserError(f'{field}={value!r} is not allowed: use {rule.allowed}.')
+  for check in COMBINATIONS:
+    message = check(config)
+    if message:
+      raise UserError(message)

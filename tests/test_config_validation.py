@@ -1,0 +1,119 @@
+"""Config validation: every shipped config passes; each bad value is one sentence naming it."""
+import importlib
+import re
+
+import pytest
+
+from ddpm_jax import config_validation
+from ddpm_jax.errors import UserError
+from tests.conftest import tiny_digits_config
+
+CONFIGS = ('digits', 'cifar10', 'celebahq256', 'lsun_bedroom256', 'lsun_cat256', 'lsun_church256')
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_shipped_config_is_valid(name):
+  config_validation.validate(importlib.import_module(f'configs.{name}').get_config())
+
+
+# (field, bad value, the sentence's end): the issue's scenarios first.
+BAD_FIELDS = [
+    ('training.ema_decay', 1.5, 'use a number in [0, 1).'),
+    ('training.keep', 0, 'use an integer >= 1.'),
+    ('training.num_train_steps', 0, 'use an integer >= 1.'),
+    ('training.num_train_steps', -1, 'use an integer >= 1.'),
+    ('optim.learning_rate', -1.0, 'use a number > 0.'),
+    ('model.dropout', 2.0, 'use a number in [0, 1).'),
+    ('model.ch_mult', (), 'use a non-empty tuple of integers >= 1.'),
+    ('data.image_size', 0, 'use an integer >= 1.'),
+    ('model.dtype', 'float17', "use one of 'float32', 'bfloat16', 'float16'."),
+    ('training.checkpoint_every', -5, 'or 0 for the last step (and preemption) only.'),
+    ('training.log_every', -1, 'or 0 for the last step only.'),
+    ('training.keep_every', -1, 'or 0 for none kept permanently.'),
+    ('optim.warmup_steps', -1, 'use an integer >= 0.'),
+    ('optim.grad_clip', -1.0, 'use a number >= 0.'),
+    ('optim.beta2', 1.0, 'use a number in [0, 1).'),
+    ('optim.eps', 0.0, 'use a number > 0.'),
+    ('optim.learning_rate', float('nan'), 'use a number > 0.'),
+    ('model.ch', 0, 'use an integer >= 1.'),
+    ('model.num_res_blocks', 0, 'use an integer >= 1.'),
+    ('model.ch_mult', (1, 0), 'use a non-empty tuple of integers >= 1.'),
+    ('data.channels', 2, 'use one of 1, 3.'),
+    ('diffusion.beta_schedule', 'linaer', "use one of 'linear', 'quad'"),
+    ('diffusion.model_var_type', 'large', "use one of 'fixedlarge'"),
+    ('diffusion.beta_end', 1.0, 'use a number in (0, 1).'),
+    ('diffusion.num_timesteps', 0, 'use an integer >= 1.'),
+    ('training.batch_size', 0, 'use an integer >= 1.'),
+    ('training.batch_size', 16.5, 'use an integer >= 1.'),
+    ('sampling.num_samples', 0, 'use an integer >= 1.'),
+    ('sampling.progressive_every', -1, 'or 0 for no Fig. 6.'),
+    ('eval.bpd_num_images', -1, 'or 0 for no bits/dim.'),
+    ('eval.inception_batch_size', 0, 'use an integer >= 1.'),
+]
+
+
+def _with(config, field: str, value):
+  section, name = field.rsplit('.', 1)
+  node = config
+  for part in section.split('.'):
+    node = node[part]
+  with node.ignore_type():
+    node[name] = value
+  return config
+
+
+@pytest.mark.parametrize('field, value, allowed', BAD_FIELDS)
+def test_a_bad_field_is_one_sentence_naming_it_and_what_is_allowed(field, value, allowed):
+  config = _with(tiny_digits_config(), field, value)
+  with pytest.raises(UserError) as error:
+    config_validation.validate(config)
+  message = str(error.value)
+  assert message.startswith(f'{field}={value!r} is not allowed: ') and allowed in message
+  assert '\n' not in message
+
+
+BAD_COMBINATIONS = [
+    ({'data.image_size': 10, 'model.ch_mult': (1, 2, 2)},
+     'data.image_size=10 must be a multiple of 4'),
+    ({'model.ch': 48, 'model.ch_mult': (2, 4), 'model.num_groups': 32},
+     'model.num_groups=32 must divide every level\'s channel count (model.ch * model.ch_mult: '
+     '48 is not divisible by it).'),
+    ({'model.attn_resolutions': (16,)},
+     'model.attn_resolutions=(16,) names 16, but the U-Net\'s resolutions are 8, 4.'),
+    ({'training.keep_every': 10, 'training.checkpoint_every': 4},
+     'training.keep_every=10 must be a multiple of training.checkpoint_every=4'),
+    ({'training.keep_every': 10, 'training.checkpoint_every': 0},
+     'training.keep_every=10 must be a multiple of training.checkpoint_every=0'),
+    ({'diffusion.beta_start': 0.03, 'diffusion.beta_end': 0.02},
+     'diffusion.beta_start=0.03 must not exceed diffusion.beta_end=0.02.'),
+    ({'diffusion.model_var_type': 'learned_range'},
+     "diffusion.model_var_type='learned_range' is learned only by diffusion.loss_type='kl'"),
+    ({'sampling.interpolate_t': 40}, 'sampling.interpolate_t=40 must be below '
+                                     'diffusion.num_timesteps=40 (0 for no Fig. 8).'),
+    ({'data.dataset': 'folder:/x', 'eval.num_samples': 100},
+     'eval.num_samples=100 asks for FID, which needs RGB images, but data.channels=1'),
+]
+
+
+@pytest.mark.parametrize('overrides, expected', BAD_COMBINATIONS)
+def test_a_bad_combination_is_one_sentence_naming_both_fields(overrides, expected):
+  config = tiny_digits_config()
+  for field, value in overrides.items():
+    _with(config, field, value)
+  with pytest.raises(UserError, match=re.escape(expected)):
+    config_validation.validate(config)
+
+
+def test_zero_means_off_where_the_loop_has_a_use_for_it():
+  config = tiny_digits_config()
+  for field in ('training.log_every', 'training.checkpoint_every', 'training.keep_every',
+                'training.sample_every', 'sampling.progressive_every', 'sampling.interpolate_t',
+                'eval.bpd_num_images', 'eval.num_samples'):
+    _with(config, field, 0)
+  config_validation.validate(config)
+
+
+def test_fields_a_config_lacks_are_skipped():
+  config = tiny_digits_config()
+  del config.sampling['interpolate_lambdas']
+  config_validation.validate(config)
