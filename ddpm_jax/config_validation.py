@@ -10,7 +10,7 @@ preemption) logs or saves, none are drawn, none are kept.
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, sampling
 from ddpm_jax.errors import UserError
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -117,6 +117,10 @@ FIELDS = {
     'sampling.step': Rule(lambda v: _is_integer(v) and v >= -1,
                           'a checkpoint step >= 0, or -1 for the latest'),
     'sampling.name': text(),
+    'sampling.sampler': one_of(*sampling.SAMPLERS),
+    'sampling.num_steps': integer(1, zero_means='all diffusion.num_timesteps steps'),
+    'sampling.eta': at_least_zero(),
+    'sampling.spacing': one_of(*sampling.SPACINGS),
     'sampling.progressive_every': integer(1, zero_means='no Fig. 6'),
     'sampling.interpolate_t': integer(1, zero_means='no Fig. 8'),
     'sampling.interpolate_lambdas': integer(2),
@@ -191,6 +195,21 @@ def _interpolation_step_is_in_the_chain(config) -> Optional[str]:
   return None
 
 
+def _sampler_fits_the_chain(config) -> Optional[str]:
+  """num_steps within T, eta only for DDIM, and a model whose chain can be respaced."""
+  s, num_timesteps = config.sampling, config.diffusion.num_timesteps
+  if 'sampler' not in s:
+    return None
+  try:
+    sampling.check_settings(num_timesteps, **sampling.settings(config))
+    if s.sampler == 'ancestral' and s.num_steps not in (0, num_timesteps):
+      diffusion.respace(diffusion.from_config(config),
+                        sampling.kept_timesteps(num_timesteps, s.num_steps, s.spacing))
+  except UserError as error:
+    return str(error)
+  return None
+
+
 def _fid_has_rgb_images(config) -> Optional[str]:
   if config.data.dataset != 'digits' and config.eval.num_samples > 0 and config.data.channels != 3:
     return (f'eval.num_samples={config.eval.num_samples} asks for FID, which needs RGB images, '
@@ -201,7 +220,7 @@ def _fid_has_rgb_images(config) -> Optional[str]:
 COMBINATIONS = (_image_size_fits_the_unet, _groups_divide_the_channels,
                 _attention_resolutions_exist, _permanent_checkpoints_are_saved, _betas_increase,
                 _learned_variance_has_a_loss, _interpolation_step_is_in_the_chain,
-                _fid_has_rgb_images)
+                _sampler_fits_the_chain, _fid_has_rgb_images)
 
 
 def _lookup(config, field: str):

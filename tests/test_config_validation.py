@@ -49,6 +49,10 @@ BAD_FIELDS = [
     ('sampling.progressive_every', -1, 'or 0 for no Fig. 6.'),
     ('eval.bpd_num_images', -1, 'or 0 for no bits/dim.'),
     ('eval.inception_batch_size', 0, 'use an integer >= 1.'),
+    ('sampling.sampler', 'ddpm', "use one of 'ancestral', 'ddim'."),
+    ('sampling.spacing', 'linear', "use one of 'uniform', 'quadratic'."),
+    ('sampling.num_steps', -1, 'or 0 for all diffusion.num_timesteps steps.'),
+    ('sampling.eta', -0.5, 'use a number >= 0.'),
 ]
 
 
@@ -90,6 +94,10 @@ BAD_COMBINATIONS = [
      "diffusion.model_var_type='learned_range' is learned only by diffusion.loss_type='kl'"),
     ({'sampling.interpolate_t': 40}, 'sampling.interpolate_t=40 must be below '
                                      'diffusion.num_timesteps=40 (0 for no Fig. 8).'),
+    ({'sampling.num_steps': 41}, 'sampling.num_steps must be in [0, 40]'),
+    ({'sampling.eta': 0.5}, "sampling.eta=0.5 is DDIM's"),
+    ({'sampling.num_steps': 10, 'diffusion.model_mean_type': 'xprev'},
+     "model_mean_type='xprev' predicts x_{t-1} of one original step"),
     ({'data.dataset': 'folder:/x', 'eval.num_samples': 100},
      'eval.num_samples=100 asks for FID, which needs RGB images, but data.channels=1'),
 ]
