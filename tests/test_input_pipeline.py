@@ -13,15 +13,15 @@ from PIL import Image
 from configs import cifar10 as cifar10_config
 from configs import digits as digits_config
 from configs import lsun_church256
-from ddpm_jax import input_pipeline
+from ddpm_jax import datasets, input_pipeline
 from ddpm_jax.errors import UserError
 
 
 @pytest.fixture(autouse=True)
 def _fresh_sources():
-  input_pipeline._load_source.cache_clear()
+  datasets.load_source.cache_clear()
   yield
-  input_pipeline._load_source.cache_clear()
+  datasets.load_source.cache_clear()
 
 
 def _digits_config(batch_size=64, seed=0, random_flip=False):
@@ -55,8 +55,8 @@ def numbered(monkeypatch):
       rows = tf.cast(tf.stack([indices // 256, indices % 256], axis=1), tf.uint8)
       return tf.tile(rows[:, :, None, None], [1, 1, 2, 1])
 
-    source = input_pipeline._IndexedSource(size=size, load=load)
-    monkeypatch.setattr(input_pipeline, '_source', lambda config, split: source)
+    source = datasets.IndexedSource(size=size, load=load)
+    monkeypatch.setattr(datasets, 'source', lambda config, split: source)
 
   return use
 
@@ -161,7 +161,7 @@ def test_eval_iterator_on_digits_is_all_of_the_test_split():
 
 
 def test_cifar10_through_mock_data(monkeypatch):
-  monkeypatch.setattr(input_pipeline, '_unreachable_host', lambda urls: None)  # mock: no download
+  monkeypatch.setattr(datasets, '_unreachable_host', lambda urls: None)  # mock: no download
   config = cifar10_config.get_config()
   config.training.batch_size = 8
   with tfds.testing.mock_data(num_examples=20):
@@ -201,7 +201,7 @@ def test_folder_of_images_of_different_sizes(tmp_path):
   for image, value in zip(images[1:], (200, 128, 7)):
     assert np.abs(image.astype(int) - value).max() <= 2
   config.data.channels = 1
-  input_pipeline._load_source.cache_clear()
+  datasets.load_source.cache_clear()
   assert next(input_pipeline.create_train_iterator(config))['image'].shape == (4, 8, 8, 1)
 
 
@@ -223,7 +223,7 @@ def test_an_image_that_fails_to_decode_is_named(tmp_path):
     list(input_pipeline.create_eval_iterator(config, 'test', batch_size=1))
   assert str(error.value) == expected
   truncated.unlink()  # the others decode
-  input_pipeline._load_source.cache_clear()
+  datasets.load_source.cache_clear()
   assert next(input_pipeline.create_train_iterator(config))['image'].shape == (3, 8, 8, 3)
 
 
@@ -316,7 +316,7 @@ def test_a_name_lookup_that_hangs_is_given_up_after_the_probe_timeout(tmp_path, 
                                                                         monkeypatch):
   release = threading.Event()
   connections.answer = lambda address: release.wait(60) and _no_network(address)
-  monkeypatch.setattr(input_pipeline, '_PROBE_TIMEOUT_S', 0.5)
+  monkeypatch.setattr(datasets, '_PROBE_TIMEOUT_S', 0.5)
   start = time.monotonic()
   try:
     with pytest.raises(UserError, match='www.cs.toronto.edu:443 cannot be reached'):
@@ -364,7 +364,7 @@ def _values(images):
 
 
 def test_streamed_tfds_dataset(prepared_data_dir, monkeypatch):
-  monkeypatch.setitem(input_pipeline.TFDS_STREAMED, 'lsun_church', 'ddpm_test_images')
+  monkeypatch.setitem(datasets.TFDS_STREAMED, 'lsun_church', 'ddpm_test_images')
   config = lsun_church256.get_config()
   config.data.data_dir = prepared_data_dir
   config.data.image_size = 4

@@ -12,7 +12,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from configs import cifar10
-from ddpm_jax import checkpointing, input_pipeline, parallel, train
+from ddpm_jax import checkpointing, datasets, input_pipeline, parallel, train
 from ddpm_jax.errors import UserError
 from tests.conftest import checkpoint_steps, tiny_digits_config
 
@@ -193,7 +193,7 @@ def test_one_step_on_mock_cifar10_with_a_sample_grid(tmp_path, monkeypatch):
   config.training.num_train_steps = 1
   config.training.sample_every = 1
   config.training.num_grid_samples = 4
-  monkeypatch.setattr(input_pipeline, '_unreachable_host', lambda urls: None)  # mock: no download
+  monkeypatch.setattr(datasets, '_unreachable_host', lambda urls: None)  # mock: no download
   with tfds.testing.mock_data(num_examples=16):
     state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 1
