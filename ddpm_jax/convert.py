@@ -114,6 +114,7 @@ def run(config, workdir, *, from_path: str = '', to_diffusers: str = '') -> Opti
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  main_cli.start(main_cli.FLAGS.config)
   workdir = os.path.expanduser(main_cli.FLAGS.workdir)
   run(main_cli.FLAGS.config, workdir, from_path=os.path.expanduser(_FROM.value),
       to_diffusers=os.path.expanduser(_TO_DIFFUSERS.value))

@@ -80,11 +80,16 @@ class _LibraryInfoFilter(python_logging.Filter):
     return FLAGS.verbosity >= (1 if record.levelno >= python_logging.INFO else 2)
 
 
+def start(config) -> None:
+  """What every command does first: the quiet console, then the whole config validated."""
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  config_validation.validate(config)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
-  config_validation.validate(_CONFIG.value)
+  start(_CONFIG.value)
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only; JAX owns accelerators
   parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                       timeout_s=_COORDINATOR_TIMEOUT.value)
