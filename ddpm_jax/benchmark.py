@@ -3,8 +3,8 @@
   python -m ddpm_jax.benchmark --config=configs/cifar10.py \
       [--config.training.batch_size=8 --config.sampling.batch_size=8] [--steps=10 --warmup=2]
 
-Times `train.jit_train_step` (forward, loss, backward, clipping, Adam, EMA; the state donated as
-in training) and one reverse step x_t -> x_{t-1} (`GaussianDiffusion.p_sample` with the EMA
+Times `train_step.jit_train_step` (forward, loss, backward, clipping, Adam, EMA; the state donated
+as in training) and one reverse step x_t -> x_{t-1} (`GaussianDiffusion.p_sample` with the EMA
 parameters), both jitted over the mesh of all devices; a scan of `--scan_steps` reverse steps
 (`sampling._reverse_chain`, the loop of `p_sample_loop`) confirms the per-step cost. Times are
 medians. The last line of stdout is one JSON object (compare with the PyTorch peer,
@@ -22,7 +22,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import diffusion as diffusion_lib, parallel, sampling, train, unet
+from ddpm_jax import diffusion as diffusion_lib, parallel, sampling, train_step as train_step_lib
+from ddpm_jax import unet
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -118,12 +119,13 @@ def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10,
   rng = np.random.default_rng(config.seed)
   local_images = rng.uniform(-1, 1, (batch_size // jax.process_count(),) + image_shape)
   batch = parallel.global_batch(mesh, {'image': local_images.astype(np.float32)})
-  state = jax.jit(functools.partial(train.create_train_state, config),
+  state = jax.jit(functools.partial(train_step_lib.create_train_state, config),
                   out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(config.seed))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
   logging.info('Compiling the train step (batch %d, %d devices).', batch_size, mesh.size)
-  train_step, compile_seconds = _compile(train.jit_train_step(config, mesh), state, batch)
+  train_step, compile_seconds = _compile(train_step_lib.jit_train_step(config, mesh), state,
+                                       batch)
   logging.info('Timing %d train steps.', steps)
   train_seconds, state = _median_seconds(lambda s: train_step(s, batch)[0], state,
                                          steps=steps, warmup=warmup)

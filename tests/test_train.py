@@ -9,7 +9,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from configs import cifar10
-from ddpm_jax import checkpointing, input_pipeline, parallel, train
+from ddpm_jax import checkpointing, input_pipeline, parallel, train, train_step
 from ddpm_jax.errors import UserError
 from tests.conftest import tiny_digits_config
 
@@ -31,8 +31,8 @@ def _host(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-def _initial_state(config) -> train.TrainState:
-  return jax.jit(functools.partial(train.create_train_state, config))(
+def _initial_state(config) -> train_step.TrainState:
+  return jax.jit(functools.partial(train_step.create_train_state, config))(
       jax.random.PRNGKey(config.seed))
 
 
@@ -76,7 +76,7 @@ def test_stopping_and_resuming_equals_training_straight(runs):
 
 def test_warmup_starts_at_zero_and_ends_at_the_learning_rate():
   config = _config()
-  schedule = train.learning_rate_schedule(config)
+  schedule = train_step.learning_rate_schedule(config)
   lr, warmup = config.optim.learning_rate, config.optim.warmup_steps
   np.testing.assert_allclose([schedule(s) for s in (0, 1, warmup, 10 * warmup)],
                              [0, lr / warmup, lr, lr], rtol=1e-6)
@@ -91,15 +91,15 @@ def test_ema_equals_the_weights_after_the_first_step():
   state = state.replace(ema_params=jax.tree.map(np.zeros_like, state.params))  # any start value
   initial_params = _host(state.params)
   batches = input_pipeline.create_train_iterator(config)
-  train_step = train.jit_train_step(config, mesh)
+  step_fn = train_step.jit_train_step(config, mesh)
 
-  state, metrics = train_step(state, parallel.global_batch(mesh, next(batches)))
+  state, metrics = step_fn(state, parallel.global_batch(mesh, next(batches)))
   assert float(metrics['learning_rate']) == 0.0  # the authors' lr at the pre-increment step 0
   params_1 = _host(state.params)
   jax.tree.map(np.testing.assert_array_equal, params_1, initial_params)  # lr 0: no change
   jax.tree.map(np.testing.assert_array_equal, _host(state.ema_params), params_1)
 
-  state, metrics = train_step(state, parallel.global_batch(mesh, next(batches)))
+  state, metrics = step_fn(state, parallel.global_batch(mesh, next(batches)))
   lr = config.optim.learning_rate
   np.testing.assert_allclose(float(metrics['learning_rate']), lr / config.optim.warmup_steps)
   params_2 = _host(state.params)
