@@ -28,7 +28,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   model.dropout = 0.1
   model.resamp_with_conv = True
   model.num_groups = 32  # GroupNorm groups (the paper's 32)
-  model.dtype = 'float32'  # compute dtype; parameters always float32. 'bfloat16' on TPU.
+  model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  model.remat = 'none'  # none | blocks: recompute each block's activations in the backward pass
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.beta_schedule = 'linear'
@@ -49,6 +50,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   training.sample_every = 50_000  # sample grid in TensorBoard; 0 disables
   training.num_grid_samples = 64
   training.ema_decay = 0.9999
+  training.grad_accum_steps = 1  # microbatches per device per update (the same update)
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4

@@ -13,9 +13,10 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from ddpm_jax import diffusion as diffusion_lib, parallel, unet
+from ddpm_jax.errors import UserError
 
 PyTree = Any
 
@@ -56,19 +57,32 @@ def create_train_state(config, rng: jax.Array) -> TrainState:
                     opt_state=make_optimizer(config).init(params), rng=train_rng)
 
 
-def train_step(state: TrainState, batch: dict, *, model, diffusion, config):
-  """One update on the global batch: (state, {'image': [B, H, W, C]}) -> (state, metrics)."""
+def train_step(state: TrainState, batch: dict, *, model, diffusion, config, mesh: Mesh):
+  """One update on the global batch: (state, {'image': [B, H, W, C]}) -> (state, metrics).
+
+  t, the noise and a dropout key per example are drawn for the global batch, then each device
+  sums the loss and gradient of its share in `training.grad_accum_steps` microbatches
+  (`_summed_loss_and_grads`); the update is the full batch's whatever the microbatching.
+  """
   x_start = batch['image']
+  batch_size = x_start.shape[0]
   t_rng, noise_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
-  t = jax.random.randint(t_rng, (x_start.shape[0],), 0, diffusion.num_timesteps)
-  noise = jax.random.normal(noise_rng, x_start.shape, x_start.dtype)
+  examples = dict(x_start=x_start,
+                  t=jax.random.randint(t_rng, (batch_size,), 0, diffusion.num_timesteps),
+                  noise=jax.random.normal(noise_rng, x_start.shape, x_start.dtype),
+                  dropout_key=jax.random.split(dropout_rng, batch_size))
 
-  def loss_fn(params):
-    model_fn = lambda x, t: model.apply({'params': params}, x, t, train=True,
-                                        rngs={'dropout': dropout_rng})
-    return jnp.mean(diffusion.training_losses(model_fn, x_start, t, noise))
+  def example_losses(params, examples):  # per-example L_simple of a microbatch
+    def apply_one(x, t, dropout_key):  # one example: its dropout mask depends on it alone
+      return model.apply({'params': params}, x[None], t[None], train=True,
+                         rngs={'dropout': dropout_key})[0]
+    model_fn = lambda x, t: jax.vmap(apply_one)(x, t, examples['dropout_key'])
+    return diffusion.training_losses(model_fn, examples['x_start'], examples['t'],
+                                     examples['noise'])
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  loss_sum, grads_sum = _summed_loss_and_grads(example_losses, state.params, examples,
+                                               config.training.grad_accum_steps, mesh)
+  loss, grads = loss_sum / batch_size, jax.tree.map(lambda g: g / batch_size, grads_sum)
   updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   decay = jnp.where(state.step == 0, 0.0, config.training.ema_decay)  # EMA = weights after step 1
@@ -79,10 +93,51 @@ def train_step(state: TrainState, batch: dict, *, model, diffusion, config):
                        opt_state=opt_state), metrics
 
 
+def _summed_loss_and_grads(example_losses, params, examples: dict, num_microbatches: int,
+                           mesh: Mesh):
+  """(sum of example_losses(params, examples), its gradient), accumulated microbatch by microbatch.
+
+  Each device takes its shard of `examples` ([B / devices] rows), splits it into
+  `num_microbatches` consecutive microbatches and adds up their losses and gradients in a
+  `lax.scan`, so only one microbatch's activations are alive at a time; one all-reduce (psum)
+  over `data` then sums the devices' totals.
+  """
+  def device_sums(params, examples):
+    local = lambda tree: jax.lax.pcast(tree, parallel.DATA_AXIS, to='varying')
+    zeros = local(jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), params)))
+    params = local(params)  # so the gradients stay this device's until the psum
+    microbatches = jax.tree.map(
+        lambda x: x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]),
+        examples)
+    summed_loss = lambda params, microbatch: jnp.sum(example_losses(params, microbatch))
+
+    def add_microbatch(sums, microbatch):
+      loss_and_grads = jax.value_and_grad(summed_loss)(params, microbatch)
+      return jax.tree.map(jnp.add, sums, loss_and_grads), None
+
+    sums, _ = jax.lax.scan(add_microbatch, zeros, microbatches)
+    return jax.lax.psum(sums, parallel.DATA_AXIS)
+
+  return jax.shard_map(device_sums, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS)),
+                       out_specs=P())(params, examples)
+
+
+def check_grad_accum_steps(config, mesh: Mesh) -> None:
+  """UserError unless training.grad_accum_steps divides each device's share of the batch."""
+  steps, batch_size = config.training.grad_accum_steps, config.training.batch_size
+  per_device = batch_size // mesh.size
+  if steps < 1 or per_device % steps:
+    raise UserError(f'training.grad_accum_steps={steps} must be a positive divisor of the '
+                    f'{per_device} examples per device (training.batch_size={batch_size} over '
+                    f'{mesh.size} devices); pick one that divides {per_device}.')
+
+
 def jit_train_step(config, mesh: Mesh):
   """`train_step` for `config`, jitted over `mesh`; it donates (consumes) the state it gets."""
+  parallel.check_divisible(config.training.batch_size, mesh)
+  check_grad_accum_steps(config, mesh)
   step = functools.partial(train_step, model=unet.create_model(config),
-                           diffusion=diffusion_lib.from_config(config), config=config)
+                           diffusion=diffusion_lib.from_config(config), config=config, mesh=mesh)
   replicated = parallel.replicated(mesh)
   return jax.jit(step, in_shardings=(replicated, parallel.data_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)

@@ -158,3 +158,41 @@ def test_one_step_on_mock_cifar10_with_a_sample_grid(tmp_path):
   assert checkpointing.restore_state_dict(str(tmp_path))['step'] == 1
   events = b''.join(p.read_bytes() for p in epath.Path(tmp_path).glob('events.out.tfevents.*'))
   assert b'samples' in events and b'loss' in events
+
+
+def _update_after_two_steps(config, mesh):
+  """(parameter change after two steps, the second step's metrics) from the initial state."""
+  state = _initial_state(config)
+  initial = _host(state.params)
+  step_fn = train_step.jit_train_step(config, mesh)
+  batches = input_pipeline.create_train_iterator(config)
+  for _ in range(2):
+    state, metrics = step_fn(state, parallel.global_batch(mesh, next(batches)))
+  return jax.tree.map(np.subtract, _host(state.params), initial), _host(metrics)
+
+
+def test_remat_and_gradient_accumulation_make_the_same_update():
+  config = _config()
+  config.optim.warmup_steps = 0  # a real update at the first step
+  mesh = Mesh(np.asarray(jax.devices()[:2]), (parallel.DATA_AXIS,))  # 8 examples per device
+  reference, reference_metrics = _update_after_two_steps(config, mesh)
+  for remat, steps in (('blocks', 2), ('none', 4)):  # remat on/off, k = 1, 2, 4
+    config.model.remat, config.training.grad_accum_steps = remat, steps
+    update, metrics = _update_after_two_steps(config, mesh)
+    assert _relative_difference(update, reference) < 1e-5, (remat, steps)
+    for name in ('loss', 'grad_norm'):
+      np.testing.assert_allclose(metrics[name], reference_metrics[name], rtol=1e-5)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('training.grad_accum_steps', 3, r'grad_accum_steps=3 must be a positive divisor of the 2 '
+                                     r'examples per device'),
+    ('model.remat', 'all', r"Unknown model.remat='all'; use one of none, blocks"),
+    ('model.dtype', 'float16', r"Unknown model.dtype='float16'; use one of float32, bfloat16"),
+])
+def test_bad_memory_settings_are_one_sentence(field, value, message):
+  config = _config()
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(UserError, match=message):
+    train_step.jit_train_step(config, parallel.make_mesh())
