@@ -81,7 +81,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 
 
 def get_256_config() -> ml_collections.ConfigDict:
-  """The paper's 256x256 setting (CelebA-HQ, LSUN): 113,673,219 parameters."""
+  """The paper's 256x256 setting (CelebA-HQ, LSUN): 113,673,219 parameters, batch 64."""
   config = get_default_config()
   config.data.image_size = 256
   config.data.shuffle_buffer = 10_000
@@ -89,6 +89,9 @@ def get_256_config() -> ml_collections.ConfigDict:
   config.model.dropout = 0.0
   config.diffusion.model_var_type = 'fixedsmall'  # the authors' 256x256 models sample with it
   config.training.batch_size = 64
+  # 8 images per v3 core need ~25 GB at once in float32; 4 microbatches of 2 need ~8 GB (the
+  # configs' docstrings; python -m ddpm_jax.benchmark --config=... --memory).
+  config.training.grad_accum_steps = 4
   config.optim.learning_rate = 2e-5
   config.sampling.num_samples = 128
   config.sampling.batch_size = 64

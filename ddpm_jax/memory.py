@@ -13,6 +13,10 @@ buffers alive). XLA:CPU runs bfloat16 convolutions and matmuls in float32 (its
 float-normalization-bf16 pass converts their operands and results), so on CPU a bfloat16 model
 still needs float32 copies of the activations a convolution reads; a TPU's matrix units and
 cuDNN take bfloat16 operands directly, so their bfloat16 peaks are lower than the CPU estimate.
+XLA:CPU also schedules the recomputation of rematerialised blocks early, next to the forward
+pass, so its peak does not drop with model.remat='blocks' although TPU and GPU peaks do.
+`saved_for_backward_bytes` (the residuals of jax.vjp, before any XLA scheduling) shows what
+remat and bfloat16 save on any backend.
 """
 import functools
 from typing import Callable, Iterable, Optional
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from ddpm_jax import parallel, sampling, train_step
+from ddpm_jax import diffusion as diffusion_lib, parallel, sampling, train_step, unet
 from ddpm_jax.errors import UserError
 
 GiB = 2**30
@@ -95,6 +99,28 @@ def train_step_bytes(config, per_device_batch: int) -> int:
   return peak_bytes(_compile(train_step.jit_train_step(config, mesh), state, batch))
 
 
+def saved_for_backward_bytes(config, per_device_batch: int) -> int:
+  """Bytes the backward pass of one microbatch keeps from its forward pass, on any backend.
+
+  The residuals of `jax.vjp` of the train step's loss (the weights the backward pass reads
+  included): what model.remat and model.dtype change, before any XLA scheduling.
+  """
+  model, diffusion = unet.create_model(config), diffusion_lib.from_config(config)
+  params = jax.eval_shape(functools.partial(train_step.create_train_state, config),
+                          jax.random.PRNGKey(config.seed)).params
+  m, d = per_device_batch // config.training.grad_accum_steps, config.data
+  examples = dict(x_start=jax.ShapeDtypeStruct((m, d.image_size, d.image_size, d.channels),
+                                               jnp.float32),
+                  t=jax.ShapeDtypeStruct((m,), jnp.int32),
+                  noise=jax.ShapeDtypeStruct((m, d.image_size, d.image_size, d.channels),
+                                             jnp.float32),
+                  dropout_key=jax.ShapeDtypeStruct((m, 2), jnp.uint32))
+  loss = lambda params, examples: jnp.sum(train_step.example_losses(
+      params, examples, model=model, diffusion=diffusion))
+  backward = jax.eval_shape(lambda p, e: jax.vjp(lambda p: loss(p, e), p)[1], params, examples)
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(backward))
+
+
 def sampler_bytes(config, per_device_batch: int) -> int:
   """Peak bytes of `sampling.jit_sampler(config)` (the reverse-step loop) on one device."""
   mesh = _one_device_mesh()
@@ -130,11 +156,14 @@ def report(config, *, devices: int = 8, grad_accum_steps: Iterable[int] = (1, 2,
       for k in sorted({*grad_accum_steps, own[2]}):
         if train_batch % k:
           continue
-        num_bytes = train_step_bytes(
-            _variant(config, dtype=dtype, remat=remat, grad_accum_steps=k), train_batch)
+        variant = _variant(config, dtype=dtype, remat=remat, grad_accum_steps=k)
+        num_bytes = train_step_bytes(variant, train_batch)
         train_rows.append(dict(dtype=dtype, remat=remat, grad_accum_steps=k, bytes=num_bytes,
+                               saved_for_backward_bytes=saved_for_backward_bytes(variant,
+                                                                                 train_batch),
                                fits=fits(num_bytes), config=(dtype, remat, k) == own))
-        _log(log, f'train step  {dtype:8} remat={remat:6} accum={k}', num_bytes)
+        _log(log, f'train step  {dtype:8} remat={remat:6} accum={k} (saved for the backward '
+             f'pass {train_rows[-1]["saved_for_backward_bytes"] / GiB:.2f} GiB)', num_bytes)
   sampler_rows = []
   for dtype in DTYPES:
     num_bytes = sampler_bytes(_variant(config, dtype=dtype), sample_batch)

@@ -72,15 +72,8 @@ def train_step(state: TrainState, batch: dict, *, model, diffusion, config, mesh
                   noise=jax.random.normal(noise_rng, x_start.shape, x_start.dtype),
                   dropout_key=jax.random.split(dropout_rng, batch_size))
 
-  def example_losses(params, examples):  # per-example L_simple of a microbatch
-    def apply_one(x, t, dropout_key):  # one example: its dropout mask depends on it alone
-      return model.apply({'params': params}, x[None], t[None], train=True,
-                         rngs={'dropout': dropout_key})[0]
-    model_fn = lambda x, t: jax.vmap(apply_one)(x, t, examples['dropout_key'])
-    return diffusion.training_losses(model_fn, examples['x_start'], examples['t'],
-                                     examples['noise'])
-
-  loss_sum, grads_sum = _summed_loss_and_grads(example_losses, state.params, examples,
+  losses = functools.partial(example_losses, model=model, diffusion=diffusion)
+  loss_sum, grads_sum = _summed_loss_and_grads(losses, state.params, examples,
                                                config.training.grad_accum_steps, mesh)
   loss, grads = loss_sum / batch_size, jax.tree.map(lambda g: g / batch_size, grads_sum)
   updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
@@ -91,6 +84,16 @@ def train_step(state: TrainState, batch: dict, *, model, diffusion, config, mesh
                  learning_rate=learning_rate_schedule(config)(state.step))
   return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                        opt_state=opt_state), metrics
+
+
+def example_losses(params, examples: dict, *, model, diffusion) -> jax.Array:
+  """L_simple [m] of m examples (x_start, t, noise, dropout_key: each [m, ...])."""
+  def apply_one(x, t, dropout_key):  # one example: its dropout mask depends on it alone
+    return model.apply({'params': params}, x[None], t[None], train=True,
+                       rngs={'dropout': dropout_key})[0]
+  model_fn = lambda x, t: jax.vmap(apply_one)(x, t, examples['dropout_key'])
+  return diffusion.training_losses(model_fn, examples['x_start'], examples['t'],
+                                   examples['noise'])
 
 
 def _summed_loss_and_grads(example_losses, params, examples: dict, num_microbatches: int,
