@@ -107,17 +107,17 @@ def _summed_loss_and_grads(example_losses, params, examples: dict, num_microbatc
   """
   def device_sums(params, examples):
     local = lambda tree: jax.lax.pcast(tree, parallel.DATA_AXIS, to='varying')
-    zeros = local(jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), params)))
-    params = local(params)  # so the gradients stay this device's until the psum
+    params_local = local(params)  # so the gradients stay this device's until the psum
+    summed_loss = lambda params, microbatch: jnp.sum(example_losses(params, microbatch))
+    loss_and_grads = lambda microbatch: jax.value_and_grad(summed_loss)(params_local, microbatch)
+    if num_microbatches == 1:  # XLA:CPU runs a loop body several times slower: no scan
+      return jax.lax.psum(loss_and_grads(examples), parallel.DATA_AXIS)
     microbatches = jax.tree.map(
         lambda x: x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]),
         examples)
-    summed_loss = lambda params, microbatch: jnp.sum(example_losses(params, microbatch))
-
-    def add_microbatch(sums, microbatch):
-      loss_and_grads = jax.value_and_grad(summed_loss)(params, microbatch)
-      return jax.tree.map(jnp.add, sums, loss_and_grads), None
-
+    add_microbatch = lambda sums, microbatch: (
+        jax.tree.map(jnp.add, sums, loss_and_grads(microbatch)), None)
+    zeros = local(jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), params)))
     sums, _ = jax.lax.scan(add_microbatch, zeros, microbatches)
     return jax.lax.psum(sums, parallel.DATA_AXIS)
 
