@@ -5,6 +5,10 @@ Command (Cloud TPU v3-8):
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 Data: tfds `celeb_a_hq/256` needs a manual download (see the message the pipeline prints).
 Hardware and time: TPU v3-8, ~2.2 steps/s at batch 64, 0.5M steps in ~63 h (paper, App. B).
+Memory: the paper's batch 64 on a v3-8 is 8 images per 16 GiB core. Compiled on CPU
+(`python -m ddpm_jax.benchmark --config=<this file> --memory`), the float32 step needs 25.3 GB
+per core at once; with training.grad_accum_steps=4 (the default here: 4 microbatches of 2 per
+core, the same update) 8.1 GB (7.6 GiB, under half of a core).
 Expected result: samples as the paper's Fig. 1/3 (the paper reports no CelebA-HQ FID).
 """
 from ddpm_jax import default_config

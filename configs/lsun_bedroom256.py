@@ -5,6 +5,10 @@ Command (Cloud TPU v3-8):
       --config.data.data_dir=/path/to/lsun
 Data: LSUN is not in tfds in a usable form; the pipeline's message says how to prepare it.
 Hardware and time: TPU v3-8, ~2.2 steps/s at batch 64, 2.4M steps in ~300 h (paper, App. B).
+Memory: the paper's batch 64 on a v3-8 is 8 images per 16 GiB core. Compiled on CPU
+(`python -m ddpm_jax.benchmark --config=<this file> --memory`), the float32 step needs 25.3 GB
+per core at once; with training.grad_accum_steps=4 (the default here: 4 microbatches of 2 per
+core, the same update) 8.1 GB (7.6 GiB, under half of a core).
 Expected result (paper, Table 3, EMA weights, 50k samples): FID 6.36.
 """
 from ddpm_jax import default_config

@@ -1,16 +1,23 @@
-"""Throughput of the real train step and reverse-chain step, timed after compilation.
+"""Throughput of the real train step and reverse-chain step, timed after compilation; memory.
 
   python -m ddpm_jax.benchmark --config=configs/cifar10.py \
       [--config.training.batch_size=8 --config.sampling.batch_size=8] [--steps=10 --warmup=2]
+  python -m ddpm_jax.benchmark --config=configs/lsun_church256.py --memory [--devices=8]
 
-Times `train.jit_train_step` (forward, loss, backward, clipping, Adam, EMA; the state donated as
-in training) and one reverse step of the configured sampler (`sampling.sampler`, `num_steps`,
+With --memory nothing runs: the train step and the sampler are compiled for the config's global
+batches split over --devices, for float32 / bfloat16 x model.remat none / blocks x each of
+--grad_accum_steps, and the per-device peak memory and the accelerators that hold it are
+reported (`ddpm_jax/memory.py` says how). Only jax, flax, optax, numpy, absl and ml_collections
+are imported, so it runs on an accelerator image that has nothing else.
+
+Times `train_step.jit_train_step` (forward, loss, backward, clipping, Adam, EMA; the state donated
+as in training) and one reverse step of the configured sampler (`sampling.sampler`, `num_steps`,
 `eta`, `spacing`: the paper's `p_sample`, or a respaced or DDIM step, with the EMA parameters),
 both jitted over the mesh of all devices; a scan of `--scan_steps` reverse steps
 (`sampling._reverse_chain`, the loop of `sample_loop`) confirms the per-step cost, and
 `sample_seconds_per_sample` is the step time times the kept steps over the batch. Times are
 medians. The last line of stdout is one JSON object (compare with the PyTorch peer,
-`../shared/bench/torch_peer.py`); progress goes to the log.
+`../shared/bench/torch_peer.py`), in both modes; progress goes to the log.
 """
 import functools
 import json
@@ -24,7 +31,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import diffusion as diffusion_lib, parallel, sampling, train, unet
+from ddpm_jax import diffusion as diffusion_lib, memory, parallel, sampling
+from ddpm_jax import train_step as train_step_lib, unet
+from ddpm_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -33,6 +42,13 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls after compilation.')
 _SCAN_STEPS = flags.DEFINE_integer('scan_steps', 10, 'Reverse steps in the timed scan.')
 _MATMUL_SIZE = flags.DEFINE_integer('matmul_size', 4096,
                                     'n of the n x n matmul that measures the peak FLOP/s.')
+_MEMORY = flags.DEFINE_bool('memory', False, 'Compile only: per-device peak memory of the '
+                            'variants, and the accelerators that hold them.')
+_DEVICES = flags.DEFINE_integer('devices', 8, 'With --memory: the devices the global batches '
+                                'are split over (the paper\'s TPU v3-8 has 8 cores).')
+_GRAD_ACCUM_STEPS = flags.DEFINE_list('grad_accum_steps', ['1', '2', '4'], 'With --memory: '
+                                      'microbatch counts to compile, where they divide the '
+                                      'per-device batch.')
 
 
 def _compile(jitted, *args):
@@ -67,12 +83,7 @@ def _peak_bytes(executables) -> tuple[int, str]:
   if 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device_memory_stats'
   try:
-    peaks = []
-    for executable in executables:
-      m = executable.memory_analysis()
-      peaks.append(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                   + m.temp_size_in_bytes)
-    return max(peaks), 'memory_analysis'
+    return max(memory.peak_bytes(executable) for executable in executables), 'memory_analysis'
   except (AttributeError, NotImplementedError, TypeError):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'max_rss'
 
@@ -128,12 +139,13 @@ def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10,
   rng = np.random.default_rng(config.seed)
   local_images = rng.uniform(-1, 1, (batch_size // jax.process_count(),) + image_shape)
   batch = parallel.global_batch(mesh, {'image': local_images.astype(np.float32)})
-  state = jax.jit(functools.partial(train.create_train_state, config),
+  state = jax.jit(functools.partial(train_step_lib.create_train_state, config),
                   out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(config.seed))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
   logging.info('Compiling the train step (batch %d, %d devices).', batch_size, mesh.size)
-  train_step, compile_seconds = _compile(train.jit_train_step(config, mesh), state, batch)
+  train_step, compile_seconds = _compile(train_step_lib.jit_train_step(config, mesh), state,
+                                       batch)
   logging.info('Timing %d train steps.', steps)
   train_seconds, state = _median_seconds(lambda s: train_step(s, batch)[0], state,
                                          steps=steps, warmup=warmup)
@@ -193,8 +205,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   parallel.initialize()  # TPU pods; nothing elsewhere
-  result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
-               scan_steps=_SCAN_STEPS.value, matmul_size=_MATMUL_SIZE.value)
+  try:
+    if _MEMORY.value:
+      result = memory.report(_CONFIG.value, devices=_DEVICES.value,
+                             grad_accum_steps=[int(k) for k in _GRAD_ACCUM_STEPS.value],
+                             log=logging.info)
+    else:
+      result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
+                   scan_steps=_SCAN_STEPS.value, matmul_size=_MATMUL_SIZE.value)
+  except UserError as error:  # one sentence, no traceback
+    raise app.UsageError(str(error)) from None
   print(json.dumps(result), flush=True)
 
 

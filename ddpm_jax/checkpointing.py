@@ -1,7 +1,7 @@
 """Orbax checkpoints in `WORKDIR/checkpoints/<step>/`, preemption and damaged-checkpoint handling.
 
 A checkpoint holds the train state as a nested dict (`flax.serialization.to_state_dict` of
-`train.TrainState`): `step`, `params`, `ema_params`, `opt_state`, `rng`. Saves are asynchronous
+`train_step.TrainState`): `step`, `params`, `ema_params`, `opt_state`, `rng`. Saves are asynchronous
 and atomic (Orbax writes a temporary directory and commits it), so a crash or a failed run never
 overwrites a checkpoint. A checkpoint that cannot be read is skipped for the previous one with a
 warning; training moves it to `WORKDIR/checkpoints_damaged/<step>/` so that it can be inspected

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 
-from ddpm_jax import checkpointing, convert_diffusers, convert_tf, main as main_cli, train
+from ddpm_jax import checkpointing, convert_diffusers, convert_tf, main as main_cli, train_step
 from ddpm_jax import weight_names
 from ddpm_jax.errors import UserError
 
@@ -55,17 +55,17 @@ def read_weights(config, path: str) -> convert_tf.Weights:
                   f'or config.json with {convert_diffusers.WEIGHTS}).')
 
 
-def train_state(config, weights: convert_tf.Weights) -> train.TrainState:
+def train_state(config, weights: convert_tf.Weights) -> train_step.TrainState:
   """The TrainState training would have at `weights.step` (Adam's counts set to it)."""
   params = weight_names.unflatten({p: jnp.asarray(a) for p, a in weights.params.items()})
-  opt_state = train.make_optimizer(config).init(params)
+  opt_state = train_step.make_optimizer(config).init(params)
   if weights.adam_mu is not None:
     moments = {name: weight_names.unflatten({p: jnp.asarray(a) for p, a in flat.items()})
                for name, flat in (('mu', weights.adam_mu), ('nu', weights.adam_nu))}
     opt_state = optax.tree_utils.tree_set(opt_state, **moments,
                                           count=jnp.asarray(weights.step, jnp.int32))
   rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]  # as create_train_state's
-  return train.TrainState(
+  return train_step.TrainState(
       step=jnp.asarray(weights.step, jnp.int32), params=params,
       ema_params=weight_names.unflatten({p: jnp.asarray(a) for p, a in
                                          weights.ema_params.items()}),

@@ -28,7 +28,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   model.dropout = 0.1
   model.resamp_with_conv = True
   model.num_groups = 32  # GroupNorm groups (the paper's 32)
-  model.dtype = 'float32'  # compute dtype; parameters always float32. 'bfloat16' on TPU.
+  model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (parameters stay float32)
+  model.remat = 'none'  # none | blocks: recompute each block's activations in the backward pass
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.beta_schedule = 'linear'
@@ -49,6 +50,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   training.sample_every = 50_000  # sample grid in TensorBoard; 0 disables
   training.num_grid_samples = 64
   training.ema_decay = 0.9999
+  training.grad_accum_steps = 1  # microbatches per device per update (the same update)
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4
@@ -83,7 +85,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 
 
 def get_256_config() -> ml_collections.ConfigDict:
-  """The paper's 256x256 setting (CelebA-HQ, LSUN): 113,673,219 parameters."""
+  """The paper's 256x256 setting (CelebA-HQ, LSUN): 113,673,219 parameters, batch 64."""
   config = get_default_config()
   config.data.image_size = 256
   config.data.shuffle_buffer = 10_000
@@ -91,6 +93,9 @@ def get_256_config() -> ml_collections.ConfigDict:
   config.model.dropout = 0.0
   config.diffusion.model_var_type = 'fixedsmall'  # the authors' 256x256 models sample with it
   config.training.batch_size = 64
+  # 8 images per v3 core need ~25 GB at once in float32; 4 microbatches of 2 need ~8 GB (the
+  # configs' docstrings; python -m ddpm_jax.benchmark --config=... --memory).
+  config.training.grad_accum_steps = 4
   config.optim.learning_rate = 2e-5
   config.sampling.num_samples = 128
   config.sampling.batch_size = 64

@@ -4,6 +4,7 @@ PixelCNN++-style residual blocks with GroupNorm, the sinusoidal time embedding a
 block, single-head self-attention at the resolutions in `attn_resolutions` and in the middle.
 Parameters are float32; `dtype` sets the compute dtype (bfloat16 on TPU). NHWC throughout.
 """
+import functools
 import math
 from typing import Any, Sequence
 
@@ -68,17 +69,30 @@ class GroupNorm(nn.Module):
                       f'{self.num_groups} groups; pick a num_groups that divides model.ch.')
     scale = self.param('scale', nn.initializers.ones, (channels,))
     bias = self.param('bias', nn.initializers.zeros, (channels,))
-    pixels = x.astype(jnp.float32).reshape(batch, height * width, channels)
+    return _group_norm(x, scale, bias, self.num_groups, self.epsilon, jnp.dtype(self.dtype))
 
-    def group_mean(y):  # [B, HW, C] -> [B, 1, 1, C]: the mean over each channel's group
-      mean = y.mean(axis=1).reshape(batch, self.num_groups, -1).mean(axis=2, keepdims=True)
-      return jnp.broadcast_to(mean, (batch, self.num_groups, channels // self.num_groups)
-                              ).reshape(batch, 1, 1, channels)
 
-    mean = group_mean(pixels)
-    var = jnp.maximum(0.0, group_mean(jnp.square(pixels)) - jnp.square(mean))
-    mul = jax.lax.rsqrt(var + self.epsilon) * scale
-    return (x * mul + (bias - mean * mul)).astype(self.dtype)
+@functools.partial(jax.checkpoint, static_argnums=(3, 4, 5))
+def _group_norm(x, scale, bias, num_groups: int, epsilon: float, dtype):
+  """GroupNorm in float32 whatever x's dtype; the backward pass recomputes it from x.
+
+  Only x (in the compute dtype) is saved for the backward pass: the float32 copy of a bfloat16
+  x and the float32 products that would otherwise be saved are recomputed (cheap elementwise
+  work), so a bfloat16 model keeps bfloat16 activations only.
+  """
+  batch, height, width, channels = x.shape
+  pixels = x.astype(jnp.float32)
+
+  def group_mean(y):  # [B, H, W, C] -> [B, 1, 1, C]: the mean over each channel's group
+    mean = y.reshape(batch, height * width, channels).mean(axis=1)
+    mean = mean.reshape(batch, num_groups, -1).mean(axis=2, keepdims=True)
+    return jnp.broadcast_to(mean, (batch, num_groups, channels // num_groups)
+                            ).reshape(batch, 1, 1, channels)
+
+  mean = group_mean(pixels)
+  var = jnp.maximum(0.0, group_mean(jnp.square(pixels)) - jnp.square(mean))
+  mul = jax.lax.rsqrt(var + epsilon) * scale
+  return (pixels * mul + (bias - mean * mul)).astype(dtype)
 
 
 class ResnetBlock(_Layers):
@@ -137,6 +151,16 @@ class Upsample(_Layers):
     return x
 
 
+# model.remat: which blocks the backward pass recomputes from their inputs instead of keeping
+# their activations. 'blocks': every residual and attention block (flax.linen.remat keeps the
+# parameter names); the saved activations shrink to the blocks' inputs, for one more forward pass.
+REMAT_BLOCKS = {
+    'none': (ResnetBlock, AttnBlock),
+    'blocks': (nn.remat(ResnetBlock, static_argnums=(3,)), nn.remat(AttnBlock)),
+}
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+
 class UNet(_Layers):
   """The authors' `unet.model`; returns [B, H, W, out_ch] in float32."""
   ch: int = 128
@@ -146,6 +170,7 @@ class UNet(_Layers):
   attn_resolutions: Sequence[int] = (16,)
   dropout: float = 0.0
   resamp_with_conv: bool = True
+  remat: str = 'none'  # a key of REMAT_BLOCKS
 
   @nn.compact
   def __call__(self, x, t, train: bool = False):
@@ -156,9 +181,11 @@ class UNet(_Layers):
                        f'got {size}x{width}.')
     if t.shape != (batch,):
       raise UserError(f't must have shape [batch] = [{batch}], got {tuple(t.shape)}.')
-    block = lambda out_ch, name: ResnetBlock(out_ch=out_ch, dropout=self.dropout, dtype=self.dtype,
-                                         num_groups=self.num_groups, name=name)
-    attn = lambda name: AttnBlock(dtype=self.dtype, num_groups=self.num_groups, name=name)
+    resnet_block, attn_block = REMAT_BLOCKS[self.remat]
+    block = lambda out_ch, name: resnet_block(out_ch=out_ch, dropout=self.dropout,
+                                              dtype=self.dtype, num_groups=self.num_groups,
+                                              name=name)
+    attn = lambda name: attn_block(dtype=self.dtype, num_groups=self.num_groups, name=name)
 
     # Timestep embedding
     temb = get_timestep_embedding(t, self.ch)
@@ -203,8 +230,12 @@ class UNet(_Layers):
 def create_model(config) -> UNet:
   """The U-Net of a config: 2C output channels when the variance is learned."""
   m, d = config.model, config.data
+  if m.remat not in REMAT_BLOCKS:
+    raise UserError(f'Unknown model.remat={m.remat!r}; use one of {", ".join(REMAT_BLOCKS)}.')
+  if m.dtype not in COMPUTE_DTYPES:
+    raise UserError(f'Unknown model.dtype={m.dtype!r}; use one of {", ".join(COMPUTE_DTYPES)}.')
   learned = config.diffusion.model_var_type.startswith('learned')
   return UNet(ch=m.ch, out_ch=d.channels * (2 if learned else 1), ch_mult=tuple(m.ch_mult),
               num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
               dropout=m.dropout, resamp_with_conv=m.resamp_with_conv,
-              dtype=jnp.dtype(m.dtype), num_groups=m.num_groups)
+              dtype=jnp.dtype(m.dtype), num_groups=m.num_groups, remat=m.remat)

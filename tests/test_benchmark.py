@@ -44,3 +44,37 @@ def test_xla_flags_keep_what_the_user_set():
   environ = {'JAX_PLATFORMS': 'tpu'}
   xla_flags.apply(environ)
   assert 'XLA_FLAGS' not in environ
+
+
+# Runs the benchmark with the modules an accelerator image may lack made unimportable.
+_WITHOUT_EXTRAS = '''
+import importlib.abc, runpy, sys
+BLOCKED = {'tensorflow', 'tensorflow_datasets', 'clu', 'orbax', 'sklearn', 'matplotlib', 'etils',
+           'tensorstore', 'PIL'}
+class Blocker(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.split('.')[0] in BLOCKED:
+      raise ImportError(f'{name} is not installed here')
+sys.meta_path.insert(0, Blocker())
+sys.argv = ['benchmark', *sys.argv[1:]]
+runpy.run_module('ddpm_jax.benchmark', run_name='__main__', alter_sys=True)
+'''
+
+
+@pytest.mark.slow
+def test_memory_report_compiles_only_and_needs_only_jax_flax_optax():
+  tiny = ['--config.model.ch=32', '--config.model.ch_mult=(1,2)', '--config.model.num_res_blocks=1',
+          '--config.diffusion.num_timesteps=20', '--config.training.batch_size=16',
+          '--config.sampling.batch_size=8']
+  command = [sys.executable, '-c', _WITHOUT_EXTRAS, '--config=configs/digits.py', *tiny,
+             '--memory', '--devices=2', '--grad_accum_steps=1,8']
+  out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert (result['devices'], result['train_batch_per_device'],
+          result['sample_batch_per_device']) == (2, 8, 4)
+  variants = {(r['dtype'], r['remat'], r['grad_accum_steps']) for r in result['train_step']}
+  assert variants == {(d, r, k) for d in ('float32', 'bfloat16') for r in ('none', 'blocks')
+                      for k in (1, 8)}
+  assert [r['config'] for r in result['train_step']].count(True) == 1
+  for row in result['train_step'] + result['sampler']:
+    assert 0 < row['bytes'] < 2**30 and 'TPU v2 core' in row['fits']

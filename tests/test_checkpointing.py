@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, train
+from ddpm_jax import checkpointing, train_step
 from ddpm_jax.errors import UserError
 from tests.conftest import ROOT, checkpoint_steps, tiny_digits_config, tiny_train_command
 
@@ -27,9 +27,10 @@ def _small_state_dict(step: int) -> dict:
                         'bias': np.zeros(3, np.float32)},
             'dense_1': {'kernel': np.ones((3, 1), np.float32)},
             'dense_2': {'kernel': np.random.RandomState(step).randn(300, 100).astype(np.float32)}}
-  state = train.TrainState(step=np.int32(step), params=params, ema_params=params,
-                           opt_state=train.make_optimizer(tiny_digits_config()).init(params),
-                           rng=np.asarray(jax.random.PRNGKey(0)))
+  state = train_step.TrainState(
+      step=np.int32(step), params=params, ema_params=params,
+      opt_state=train_step.make_optimizer(tiny_digits_config()).init(params),
+      rng=np.asarray(jax.random.PRNGKey(0)))
   return flax.serialization.to_state_dict(state)
 
 

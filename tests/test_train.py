@@ -12,7 +12,8 @@ from etils import epath
 from jax.sharding import Mesh
 
 from configs import cifar10
-from ddpm_jax import checkpointing, datasets, input_pipeline, parallel, train
+from ddpm_jax import checkpointing, datasets, diffusion as diffusion_lib, input_pipeline, parallel
+from ddpm_jax import train, train_step, unet
 from ddpm_jax.errors import UserError
 from tests.conftest import checkpoint_steps, tiny_digits_config
 
@@ -34,8 +35,8 @@ def _host(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-def _initial_state(config) -> train.TrainState:
-  return jax.jit(functools.partial(train.create_train_state, config))(
+def _initial_state(config) -> train_step.TrainState:
+  return jax.jit(functools.partial(train_step.create_train_state, config))(
       jax.random.PRNGKey(config.seed))
 
 
@@ -79,7 +80,7 @@ def test_stopping_and_resuming_equals_training_straight(runs):
 
 def test_warmup_starts_at_zero_and_ends_at_the_learning_rate():
   config = _config()
-  schedule = train.learning_rate_schedule(config)
+  schedule = train_step.learning_rate_schedule(config)
   lr, warmup = config.optim.learning_rate, config.optim.warmup_steps
   np.testing.assert_allclose([schedule(s) for s in (0, 1, warmup, 10 * warmup)],
                              [0, lr / warmup, lr, lr], rtol=1e-6)
@@ -94,15 +95,15 @@ def test_ema_equals_the_weights_after_the_first_step():
   state = state.replace(ema_params=jax.tree.map(np.zeros_like, state.params))  # any start value
   initial_params = _host(state.params)
   batches = input_pipeline.create_train_iterator(config)
-  train_step = train.jit_train_step(config, mesh)
+  step_fn = train_step.jit_train_step(config, mesh)
 
-  state, metrics = train_step(state, parallel.global_batch(mesh, next(batches)))
+  state, metrics = step_fn(state, parallel.global_batch(mesh, next(batches)))
   assert float(metrics['learning_rate']) == 0.0  # the authors' lr at the pre-increment step 0
   params_1 = _host(state.params)
   jax.tree.map(np.testing.assert_array_equal, params_1, initial_params)  # lr 0: no change
   jax.tree.map(np.testing.assert_array_equal, _host(state.ema_params), params_1)
 
-  state, metrics = train_step(state, parallel.global_batch(mesh, next(batches)))
+  state, metrics = step_fn(state, parallel.global_batch(mesh, next(batches)))
   lr = config.optim.learning_rate
   np.testing.assert_allclose(float(metrics['learning_rate']), lr / config.optim.warmup_steps)
   params_2 = _host(state.params)
@@ -139,7 +140,7 @@ def test_a_state_that_is_not_finite_is_not_saved_and_the_last_good_checkpoint_is
   config = _config()
   manager = checkpointing.create_manager(str(tmp_path), config.training)
   ones = {'w': np.ones(3, np.float32)}
-  state = train.TrainState(step=np.int32(6), params=ones, opt_state={},
+  state = train_step.TrainState(step=np.int32(6), params=ones, opt_state={},
                            ema_params={'w': np.array([1, np.inf, 1], np.float32)},
                            rng=np.asarray(jax.random.PRNGKey(0)))
   with pytest.raises(UserError, match=re.escape(
@@ -152,7 +153,7 @@ def test_a_state_that_is_not_finite_is_not_saved_and_the_last_good_checkpoint_is
 
 def test_resuming_with_another_seed_warns_once(caplog):
   config = _config()
-  state = train.TrainState(step=jnp.int32(3), params={}, ema_params={}, opt_state={},
+  state = train_step.TrainState(step=jnp.int32(3), params={}, ema_params={}, opt_state={},
                            rng=jax.random.split(jax.random.PRNGKey(0))[1])
   with caplog.at_level(logging.WARNING):
     train._warn_if_another_seed(config, state)  # seed 0: its own stream
@@ -201,3 +202,64 @@ def test_one_step_on_mock_cifar10_with_a_sample_grid(tmp_path, monkeypatch):
   assert checkpointing.restore_state_dict(str(tmp_path))['step'] == 1
   events = b''.join(p.read_bytes() for p in epath.Path(tmp_path).glob('events.out.tfevents.*'))
   assert b'samples' in events and b'loss' in events
+
+
+def _update_after_two_steps(config, mesh):
+  """(parameter change after two steps, the second step's metrics) from the initial state."""
+  state = _initial_state(config)
+  initial = _host(state.params)
+  step_fn = train_step.jit_train_step(config, mesh)
+  batches = input_pipeline.create_train_iterator(config)
+  for _ in range(2):
+    state, metrics = step_fn(state, parallel.global_batch(mesh, next(batches)))
+  return jax.tree.map(np.subtract, _host(state.params), initial), _host(metrics)
+
+
+def test_remat_and_gradient_accumulation_make_the_same_update():
+  config = _config()
+  config.optim.warmup_steps = 0  # a real update at the first step
+  # Adam in its linear regime (eps >> |g|): the update is -lr * g / eps, so comparing updates
+  # compares the gradients (with the default eps Adam's first step is lr * sign(g)).
+  config.optim.learning_rate, config.optim.eps = 10.0, 1e3
+  mesh = Mesh(np.asarray(jax.devices()[:2]), (parallel.DATA_AXIS,))  # 8 examples per device
+  reference, reference_metrics = _update_after_two_steps(config, mesh)
+  for remat, steps in (('blocks', 2), ('none', 4)):  # remat on/off, k = 1, 2, 4
+    config.model.remat, config.training.grad_accum_steps = remat, steps
+    update, metrics = _update_after_two_steps(config, mesh)
+    assert _relative_difference(update, reference) < 1e-5, (remat, steps)
+    for name in ('loss', 'grad_norm'):
+      np.testing.assert_allclose(metrics[name], reference_metrics[name], rtol=1e-5)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('training.grad_accum_steps', 3, r'grad_accum_steps=3 must be a positive divisor of the 2 '
+                                     r'examples per device'),
+    ('model.remat', 'all', r"Unknown model.remat='all'; use one of none, blocks"),
+    ('model.dtype', 'float16', r"Unknown model.dtype='float16'; use one of float32, bfloat16"),
+])
+def test_bad_memory_settings_are_one_sentence(field, value, message):
+  config = _config()
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(UserError, match=message):
+    train_step.jit_train_step(config, parallel.make_mesh())
+
+
+def test_bfloat16_loss_and_gradients_at_initialisation_match_float32():
+  config = _config()
+  config.model.dropout = 0.0
+  params = _initial_state(config).params
+  x_start = next(input_pipeline.create_train_iterator(config))['image']
+  t = jnp.arange(x_start.shape[0]) * (config.diffusion.num_timesteps // x_start.shape[0])
+  noise = jax.random.normal(jax.random.PRNGKey(1), x_start.shape)
+
+  def loss_and_grads(dtype):
+    config.model.dtype = dtype
+    model, diffusion = unet.create_model(config), diffusion_lib.from_config(config)
+    loss_fn = lambda p: jnp.mean(diffusion.training_losses(
+        lambda x, t: model.apply({'params': p}, x, t), x_start, t, noise))
+    return _host(jax.jit(jax.value_and_grad(loss_fn))(params))
+
+  (loss32, grads32), (loss16, grads16) = loss_and_grads('float32'), loss_and_grads('bfloat16')
+  np.testing.assert_allclose(loss16, loss32, rtol=1e-2)  # bfloat16 keeps 8 bits: 2^-8 = 0.4%
+  assert _relative_difference(grads16, grads32) < 2e-2  # measured 0.4%
