@@ -10,7 +10,7 @@ preemption) logs or saves, none are drawn, none are kept.
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
-from ddpm_jax import diffusion, sampling
+from ddpm_jax import diffusion, sampling, unet
 from ddpm_jax.errors import UserError
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -89,6 +89,7 @@ FIELDS = {
     'model.resamp_with_conv': boolean(),
     'model.num_groups': integer(1),
     'model.dtype': one_of(*DTYPES),
+    'model.remat': one_of(*unet.REMAT_BLOCKS),
     'diffusion.beta_schedule': one_of(*diffusion.BETA_SCHEDULES),
     'diffusion.beta_start': interval(0, 1, low_open=True),
     'diffusion.beta_end': interval(0, 1, low_open=True),
@@ -105,6 +106,7 @@ FIELDS = {
     'training.sample_every': integer(1, zero_means='no sample grids'),
     'training.num_grid_samples': integer(1),
     'training.ema_decay': interval(0, 1),
+    'training.grad_accum_steps': integer(1),
     'optim.learning_rate': positive(),
     'optim.warmup_steps': integer(0),
     'optim.grad_clip': at_least_zero(),

@@ -74,8 +74,7 @@ def bits_per_dim(inference: inference_lib.Inference, split: str, num_images: int
   num_batches = -(-num_images // batch_size)
   d = inference.config.data
   settings = inference_lib.fingerprint({
-      'step': inference.step, 'model': inference.config.model.to_dict(),
-      'diffusion': inference.config.diffusion.to_dict(), 'seed': inference.config.seed,
+      **inference.model_settings(), 'seed': inference.config.seed,
       'data': [d.dataset, d.data_dir, d.image_size, d.channels], 'split': split,
       'num_images': num_images, 'batch_size': batch_size})
   sums = _read_json(progress_path)

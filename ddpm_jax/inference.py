@@ -45,12 +45,20 @@ class Inference:
     """<prefix>_<step> for the paper's sampler, else e.g. <prefix>_<step>_ddim50."""
     return f'{prefix}_{self.step}{sampling.settings_tag(self.config)}'
 
+  def model_settings(self) -> dict:
+    """What this model's outputs depend on: its checkpoint step, model and diffusion configs.
+
+    `model.remat` is left out: it changes what the backward pass keeps, not the values.
+    """
+    c = self.config
+    model = {k: v for k, v in c.model.to_dict().items() if k != 'remat'}
+    return {'step': self.step, 'model': model, 'diffusion': c.diffusion.to_dict()}
+
   def sample_settings(self, **extra) -> dict:
     """Everything this model's samples depend on, beside `extra` (seed, counts)."""
     c = self.config
-    return {'step': self.step, 'model': c.model.to_dict(), 'diffusion': c.diffusion.to_dict(),
-            'image_shape': list(self.image_shape), 'clip_denoised': c.sampling.clip_denoised,
-            **sampling.settings(c), **extra}
+    return {**self.model_settings(), 'image_shape': list(self.image_shape),
+            'clip_denoised': c.sampling.clip_denoised, **sampling.settings(c), **extra}
 
   def model_fn(self, params) -> ModelFn:
     return lambda x, t: self.model.apply({'params': params}, x, t, train=False)

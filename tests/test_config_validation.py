@@ -49,6 +49,8 @@ BAD_FIELDS = [
     ('sampling.progressive_every', -1, 'or 0 for no Fig. 6.'),
     ('eval.bpd_num_images', -1, 'or 0 for no bits/dim.'),
     ('eval.inception_batch_size', 0, 'use an integer >= 1.'),
+    ('model.remat', 'all', "use one of 'none', 'blocks'."),
+    ('training.grad_accum_steps', 0, 'use an integer >= 1.'),
     ('sampling.sampler', 'ddpm', "use one of 'ancestral', 'ddim'."),
     ('sampling.spacing', 'linear', "use one of 'uniform', 'quadratic'."),
     ('sampling.num_steps', -1, 'or 0 for all diffusion.num_timesteps steps.'),
