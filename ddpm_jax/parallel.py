@@ -33,6 +33,7 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
   if coordinator_address:
     _check_process_flags(coordinator_address, num_processes, process_id)
     if process_id == 0:
+      _check_port_is_free(coordinator_address)
       logging.info('Process 0 of %d: waiting up to %d s for the other %d process(es) to join '
                    'at %s.', num_processes, timeout_s, num_processes - 1, coordinator_address)
     else:
@@ -76,6 +77,23 @@ def _check_process_flags(coordinator_address: str, num_processes: int, process_i
     raise UserError(f'--process_id={process_id} is not in 0..{num_processes - 1} for '
                     f'--num_processes={num_processes}; give each process its own id in that '
                     'range (0 on the coordinator\'s host).')
+
+
+def _check_port_is_free(address: str) -> None:
+  """UserError when process 0 could not serve the coordinator: its port is taken here.
+
+  Checked before JAX tries, since jaxlib 0.10 can crash (a segfault) instead of raising when the
+  coordination service cannot listen.
+  """
+  port = int(address.rpartition(':')[2])
+  with socket.socket() as probe:
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
+    try:
+      probe.bind(('', port))
+    except OSError as error:
+      raise UserError(f'Process 0 cannot serve the coordinator at {address}: port {port} is in '
+                      f'use on this host ({error.strerror}); choose another port, or check that '
+                      f'its port is free on this host (process 0 serves it).') from None
 
 
 def _answers(address: str, timeout_s: float = 2) -> bool:
