@@ -6,15 +6,13 @@ and atomic (Orbax writes a temporary directory and commits it), so a crash or a 
 overwrites a checkpoint. A checkpoint that cannot be read is skipped for the previous one with a
 warning; training moves it to `WORKDIR/checkpoints_damaged/<step>/` so that it can be inspected
 and the run can save that step again. A checkpoint holding a NaN or an infinity counts as
-damaged, and none is ever written (`save` refuses). One trainer at a time holds a workdir
-(`workdir_lock`). Workdirs may be local or any `etils.epath` path (`gs://`).
+damaged, and none is ever written (`save` refuses). Workdirs may be local or any `etils.epath`
+path (`gs://`).
 """
 import contextlib
 import gc
-import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -33,9 +31,6 @@ from ddpm_jax.errors import UserError
 PyTree = Any
 CHECKPOINTS = 'checkpoints'
 DAMAGED_CHECKPOINTS = 'checkpoints_damaged'
-LOCK = 'train.lock'
-LOCK_HEARTBEAT_S = 60  # how often the holder rewrites its lock
-LOCK_STALE_S = 600  # a lock from another host that is older than this is taken over
 
 
 class NonFiniteError(ValueError):
@@ -60,8 +55,8 @@ def checkpoint_dir(workdir) -> epath.Path:
   return (path / CHECKPOINTS) if scheme else (path.resolve() / CHECKPOINTS)
 
 
-def _writable_error(workdir, error: OSError) -> UserError:
-  return UserError(f'Cannot write to --workdir={workdir} ({_one_line(error)}); pass a directory '
+def writable_error(workdir, error: OSError) -> UserError:
+  return UserError(f'Cannot write to --workdir={workdir} ({one_line(error)}); pass a directory '
                    f'you can write to.')
 
 
@@ -81,7 +76,7 @@ def create_manager(workdir, training_config) -> ocp.CheckpointManager:
   try:
     directory.mkdir(parents=True, exist_ok=True)
   except OSError as error:
-    raise _writable_error(workdir, error) from None
+    raise writable_error(workdir, error) from None
   return ocp.CheckpointManager(directory, options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
 
@@ -142,7 +137,7 @@ def _check_shapes(step: int, stored: PyTree, expected: PyTree) -> None:
     raise UserError(prefix + f'{extra[0]} is in the checkpoint but not in this config\'s model.')
 
 
-def _one_line(error: Exception) -> str:
+def one_line(error: Exception) -> str:
   text = ' '.join(str(error).split())
   return f'{type(error).__name__}: {text[:300]}'
 
@@ -213,7 +208,7 @@ def _restore_newest_readable(manager, args_fn, check) -> tuple[int, PyTree, list
       unreadable.append((step, error))
   step, error = unreadable[0]
   raise UserError(f'No checkpoint in {manager.directory} can be used (step {step}: '
-                  f'{_one_line(error)}); check that its files are intact and readable, or move '
+                  f'{one_line(error)}); check that its files are intact and readable, or move '
                   f'the directory away to start afresh.')
 
 
@@ -244,7 +239,7 @@ def restore_for_training(manager: ocp.CheckpointManager, workdir,
       lambda step, stored: _check_shapes(step, stored['params'], abstract_state_dict['params']))
   for bad_step, error in unreadable:
     logging.warning('The checkpoint at step %d is damaged (%s); moved it to %s and resumed from '
-                    'step %d.', bad_step, _one_line(error), _move_aside(workdir, bad_step), step)
+                    'step %d.', bad_step, one_line(error), _move_aside(workdir, bad_step), step)
   if unreadable:
     ocp.multihost.get_barrier_sync_fn()(key='ddpm_jax_moved_damaged', timeout_ms=600_000)
     manager.reload()
@@ -269,7 +264,7 @@ def _restore_read_only(workdir, step: Optional[int], args_fn, check) -> tuple[in
       found, tree, unreadable = _restore_newest_readable(manager, args_fn, check)
       for bad_step, error in unreadable:
         logging.warning('The checkpoint at step %d in %s is damaged (%s); using step %d.',
-                        bad_step, checkpoint_dir(workdir), _one_line(error), found)
+                        bad_step, checkpoint_dir(workdir), one_line(error), found)
       return found, tree
     if step not in steps:
       raise UserError(f'No checkpoint at step {step} in {checkpoint_dir(workdir)}; the steps there '
@@ -280,7 +275,7 @@ def _restore_read_only(workdir, step: Optional[int], args_fn, check) -> tuple[in
       raise
     except Exception as error:  # pylint: disable=broad-except  (any failure to read)
       raise UserError(f'The checkpoint at step {step} in {checkpoint_dir(workdir)} cannot be used '
-                      f'({_one_line(error)}); choose another step.') from None
+                      f'({one_line(error)}); choose another step.') from None
 
 
 def restore_state_dict(workdir, step: Optional[int] = None) -> dict:
@@ -303,114 +298,6 @@ def restore_ema_params(workdir, params_template: PyTree,
       lambda metadata: _host_restore({'ema_params': metadata['ema_params']}, partial=True),
       lambda step, stored: _check_shapes(step, stored['ema_params'], params_template))
   return found, flax.serialization.from_state_dict(params_template, tree['ema_params'])
-
-
-def _process_start_time(pid: int) -> Optional[str]:
-  """When process `pid` started (Linux: /proc/PID/stat field 22), or None if there is none."""
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      return f.read().rsplit(')', 1)[1].split()[19]
-  except (OSError, IndexError):
-    return None
-
-
-def _this_process() -> dict:
-  return {'host': socket.gethostname(), 'pid': os.getpid(),
-          'start': _process_start_time(os.getpid()), 'heartbeat': time.time()}
-
-
-def _holder_runs(holder: dict) -> bool:
-  """Whether the process that wrote a lock still runs: by its pid on this host, else by age."""
-  if holder.get('host') != socket.gethostname():
-    return time.time() - holder.get('heartbeat', 0) < LOCK_STALE_S
-  start = _process_start_time(holder['pid'])
-  if start is not None or holder.get('start') is not None:
-    return start == holder.get('start')  # a reused pid is another process
-  try:
-    os.kill(holder['pid'], 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    pass
-  return True
-
-
-def _read_lock(path: epath.Path) -> Optional[dict]:
-  try:
-    return json.loads(path.read_text())
-  except FileNotFoundError:
-    return None
-  except (ValueError, OSError):  # half written, or garbage: no live trainer left it like that
-    return {}
-
-
-def _acquire(workdir) -> epath.Path:
-  """Writes WORKDIR/train.lock for this process; a UserError when a live trainer holds it."""
-  path = epath.Path(workdir) / LOCK
-  holder = _read_lock(path)
-  if holder is not None:
-    if holder and _holder_runs(holder):
-      raise UserError(f'Another trainer (pid {holder["pid"]} on {holder["host"]}) is using '
-                      f'--workdir={workdir}; wait for it to finish, stop it, or pass another '
-                      f'--workdir.')
-    logging.warning('Taking over %s from a trainer that no longer runs (%s).', path,
-                    f'pid {holder["pid"]} on {holder["host"]}' if holder else 'unreadable')
-    path.unlink(missing_ok=True)
-  draft = _lock_draft(path)
-  if '://' in os.fspath(workdir):
-    draft.replace(path)  # object stores have no exclusive create; the check above must do
-    return path
-  try:  # an exclusive, complete create: of two trainers starting together, one gets the lock
-    os.link(draft, path)
-  except FileExistsError:
-    return _acquire(workdir)
-  finally:
-    draft.unlink()
-  return path
-
-
-def _lock_draft(path: epath.Path) -> epath.Path:
-  """This process's lock, written whole beside `path`, to be moved there: a reader never sees
-  a half-written lock."""
-  draft = path.parent / f'{LOCK}.{os.getpid()}.tmp'
-  draft.write_text(json.dumps(_this_process()))
-  return draft
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir) -> Iterator[None]:
-  """Holds WORKDIR/train.lock (host, pid) while training, so a second trainer refuses.
-
-  Creates the workdir: one that is a file or cannot be written is a UserError. A lock whose
-  process has ended (on this host: its pid is gone; on another host: no heartbeat for
-  LOCK_STALE_S) is taken over with a warning. Only process 0 of a multi-process run locks.
-  """
-  checkpoint_dir(workdir)  # a filesystem Orbax cannot write to is a UserError
-  if jax.process_index() > 0:
-    yield
-    return
-  try:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    path = _acquire(workdir)
-  except OSError as error:
-    raise _writable_error(workdir, error) from None
-  stop = threading.Event()
-
-  def heartbeat():
-    while not stop.wait(LOCK_HEARTBEAT_S):
-      try:
-        _lock_draft(path).replace(path)
-      except Exception as error:  # pylint: disable=broad-except  (storage hiccups; try again)
-        logging.warning('Could not refresh %s (%s).', path, _one_line(error))
-
-  thread = threading.Thread(target=heartbeat, name='workdir_lock_heartbeat', daemon=True)
-  thread.start()
-  try:
-    yield
-  finally:
-    stop.set()
-    thread.join()
-    path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from clu import metric_writers
 from jax.sharding import Mesh
 
 from ddpm_jax import checkpointing, config_validation, images, input_pipeline, parallel, sampling
+from ddpm_jax import workdir_lock
 from ddpm_jax.errors import UserError
 from ddpm_jax.train_step import TrainState, create_train_state, jit_train_step
 
@@ -86,7 +87,7 @@ def train_and_evaluate(config, workdir, *, mesh: Optional[Mesh] = None,
   config_validation.validate(config)
   mesh = mesh or parallel.make_mesh()
   parallel.check_divisible(config.training.batch_size, mesh)
-  with checkpointing.workdir_lock(workdir):  # checks that the workdir can be written first
+  with workdir_lock.hold(workdir):  # checks that the workdir can be written first
     manager = checkpointing.create_manager(workdir, config.training)
     input_pipeline.num_examples(config, 'train')  # then the data (cached), before the model
     writer = _create_writer(workdir)

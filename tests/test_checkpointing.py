@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing, train_step
+from ddpm_jax import checkpointing, train_step, workdir_lock
 from ddpm_jax.errors import UserError
 from tests.conftest import ROOT, checkpoint_steps, tiny_digits_config, tiny_train_command
 
@@ -183,39 +183,39 @@ def _lock_of(pid: int, host: str = socket.gethostname(), start=None, heartbeat=N
 
 
 def test_the_workdir_lock_refuses_a_live_trainer_and_takes_over_dead_ones(tmp_path, caplog):
-  lock = tmp_path / checkpointing.LOCK
-  lock.write_text(_lock_of(os.getpid(), start=checkpointing._process_start_time(os.getpid())))
+  lock = tmp_path / workdir_lock.LOCK
+  lock.write_text(_lock_of(os.getpid(), start=workdir_lock._process_start_time(os.getpid())))
   with pytest.raises(UserError, match=re.escape(
       f'Another trainer (pid {os.getpid()} on {socket.gethostname()}) is using '
       f'--workdir={tmp_path}; wait for it to finish, stop it, or pass another --workdir.')):
-    with checkpointing.workdir_lock(str(tmp_path)):
+    with workdir_lock.hold(str(tmp_path)):
       pass
   with pytest.raises(UserError, match='Another trainer'):  # another host, heartbeat fresh
     lock.write_text(_lock_of(1, host='elsewhere'))
-    with checkpointing.workdir_lock(str(tmp_path)):
+    with workdir_lock.hold(str(tmp_path)):
       pass
 
   dead = subprocess.Popen(['true'])
   dead.wait()
   stale = [_lock_of(dead.pid), _lock_of(os.getpid(), start='0'),  # a reused pid is not it
-           _lock_of(1, host='elsewhere', heartbeat=time.time() - checkpointing.LOCK_STALE_S - 1),
+           _lock_of(1, host='elsewhere', heartbeat=time.time() - workdir_lock.LOCK_STALE_S - 1),
            '{"host": "half written']
   for text in stale:
     lock.write_text(text)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-      with checkpointing.workdir_lock(str(tmp_path)):
+      with workdir_lock.hold(str(tmp_path)):
         assert json.loads(lock.read_text())['pid'] == os.getpid()
     assert 'Taking over' in caplog.text and 'no longer runs' in caplog.text
     assert not lock.exists()  # released
 
 
 def test_the_lock_holder_keeps_its_heartbeat_fresh(tmp_path, monkeypatch):
-  monkeypatch.setattr(checkpointing, 'LOCK_HEARTBEAT_S', 0.05)
-  with checkpointing.workdir_lock(str(tmp_path)):
-    first = json.loads((tmp_path / checkpointing.LOCK).read_text())['heartbeat']
+  monkeypatch.setattr(workdir_lock, 'LOCK_HEARTBEAT_S', 0.05)
+  with workdir_lock.hold(str(tmp_path)):
+    first = json.loads((tmp_path / workdir_lock.LOCK).read_text())['heartbeat']
     time.sleep(0.5)
-    assert json.loads((tmp_path / checkpointing.LOCK).read_text())['heartbeat'] > first
+    assert json.loads((tmp_path / workdir_lock.LOCK).read_text())['heartbeat'] > first
 
 
 def test_a_workdir_that_is_a_file_is_one_sentence(tmp_path):
@@ -225,7 +225,7 @@ def test_a_workdir_that_is_a_file_is_one_sentence(tmp_path):
     with pytest.raises(UserError, match=rf'^Cannot write to --workdir={re.escape(workdir_text)} '
                                         r'\((FileExistsError|NotADirectoryError): .*\); pass a '
                                         r'directory you can write to.$'):
-      with checkpointing.workdir_lock(workdir_text):
+      with workdir_lock.hold(workdir_text):
         pass
   assert workdir.read_text() == 'not a directory'
 
@@ -235,7 +235,7 @@ def test_a_read_only_workdir_is_one_sentence(tmp_path):
   tmp_path.chmod(0o555)
   try:
     with pytest.raises(UserError, match=r'^Cannot write to --workdir=.*PermissionError'):
-      with checkpointing.workdir_lock(str(tmp_path)):
+      with workdir_lock.hold(str(tmp_path)):
         pass
   finally:
     tmp_path.chmod(0o755)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ddpm_jax import checkpointing
+from ddpm_jax import workdir_lock
 from tests.conftest import ROOT, checkpoint_steps, tiny_train_command
 
 
@@ -65,14 +65,14 @@ def test_a_second_trainer_on_a_workdir_refuses(tmp_path):
   """The lock of a live trainer (this test's process) stops a second one, whatever its seed."""
   workdir = tmp_path / 'w'
   workdir.mkdir()
-  lock = workdir / checkpointing.LOCK
-  lock.write_text(json.dumps(checkpointing._this_process()))
+  lock = workdir / workdir_lock.LOCK
+  lock.write_text(json.dumps(workdir_lock._this_process()))
   result = _run(tiny_train_command(workdir, {'seed': 1}))
   holder = json.loads(lock.read_text())
   _assert_one_sentence(result, f'Another trainer (pid {os.getpid()} on {holder["host"]}) is using '
                                f'--workdir={workdir}; wait for it to finish, stop it, or pass '
                                f'another --workdir.')
-  assert sorted(p.name for p in workdir.iterdir()) == [checkpointing.LOCK]
+  assert sorted(p.name for p in workdir.iterdir()) == [workdir_lock.LOCK]
 
 
 @pytest.mark.slow
@@ -93,7 +93,7 @@ def test_ctrl_c_saves_exits_75_quietly_and_leaves_no_temporary_checkpoint(tmp_pa
                              r'same command to resume.', log).group(1))
   assert checkpoint_steps(tmp_path)[-1] == stopped_at > 4
   assert not list(tmp_path.rglob('*.orbax-checkpoint-tmp*'))
-  assert not (tmp_path / checkpointing.LOCK).exists()
+  assert not (tmp_path / workdir_lock.LOCK).exists()
   assert 'Traceback' not in log and 'Interrupted' not in log
   # The quiet console: this package's lines (one per log step) and no library's INFO.
   lines = log.splitlines()

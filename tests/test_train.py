@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from configs import cifar10
 from ddpm_jax import checkpointing, datasets, diffusion as diffusion_lib, input_pipeline, parallel
-from ddpm_jax import train, train_step, unet
+from ddpm_jax import train, train_step, unet, workdir_lock
 from ddpm_jax.errors import UserError
 from tests.conftest import checkpoint_steps, tiny_digits_config
 
@@ -172,7 +172,7 @@ def test_every_zero_logs_and_saves_the_last_step_only(tmp_path, caplog):
     assert int(train.train_and_evaluate(config, str(tmp_path)).step) == 3
   assert checkpoint_steps(tmp_path) == [3]
   assert re.findall(r'\[(\d+)/3\] loss=', caplog.text) == ['3']
-  assert not (tmp_path / checkpointing.LOCK).exists()
+  assert not (tmp_path / workdir_lock.LOCK).exists()
 
 
 def test_a_batch_not_divisible_by_the_devices_is_a_clear_error(tmp_path):
