@@ -175,7 +175,8 @@ def _reference_statistics(config, split: str, inception_params, batch_size: int)
                                    'data_dir': d.data_dir,
                                    'inception': _params_digest(inception_params)})
   name = f'{d.dataset}_{split}_{d.image_size}_{hashlib.sha256(key.encode()).hexdigest()[:12]}'
-  path = epath.Path(inception_weights.cache_dir()) / 'fid_stats' / (name.replace('/', '_').replace(':', '_') + '.npz')
+  file_name = name.replace('/', '_').replace(':', '_') + '.npz'
+  path = epath.Path(inception_weights.cache_dir()) / 'fid_stats' / file_name
   if path.exists():
     try:
       with path.open('rb') as f:

@@ -26,7 +26,8 @@ from ddpm_jax.inception import Params
 
 
 
-_preprocess_fn = jax.jit(inception.preprocess)  # compiled per input size; the network once per batch
+# Compiled per input size; the network once per batch.
+_preprocess_fn = jax.jit(inception.preprocess)
 
 
 @jax.jit
@@ -102,7 +103,8 @@ def inception_logits(images_uint8: np.ndarray, *, batch_size: int = 200,
   if params is None:
     params, _ = inception_weights.load_inception_params()
   if 'fc' not in params:
-    raise UserError(f'These Inception parameters have no classifier: {inception_weights.LOGITS_MISSING}.')
+    raise UserError('These Inception parameters have no classifier: '
+                    f'{inception_weights.LOGITS_MISSING}.')
   feats = inception_features(images_uint8, batch_size=batch_size, params=params)
   return feats['logits_biased' if bias else 'logits']
 

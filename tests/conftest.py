@@ -1,6 +1,7 @@
 """Shared test setup: CPU only, 8 host devices, no network."""
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 
@@ -27,6 +28,20 @@ def tiny_train_command(workdir, overrides: dict, *flags: str) -> list[str]:
   return [sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py',
           f'--workdir={workdir}', '--mode=train', *flags,
           *(f'--config.{name}={value}' for name, value in config.items())]
+
+
+def signal_after_first_checkpoint(command: list[str], signum: int) -> tuple[int, str]:
+  """Runs a training `command`, sends `signum` once it saves step 4; (exit status, its log)."""
+  process = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                             stderr=subprocess.PIPE, text=True)
+  seen = []
+  for line in process.stderr:
+    seen.append(line)
+    if 'Saving the checkpoint at step 4.' in line:
+      break
+  process.send_signal(signum)
+  seen.append(process.communicate(timeout=300)[1])
+  return process.returncode, ''.join(seen)
 
 
 def checkpoint_steps(workdir) -> list[int]:

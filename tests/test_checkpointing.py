@@ -17,7 +17,8 @@ import pytest
 
 from ddpm_jax import checkpointing, train_step, workdir_lock
 from ddpm_jax.errors import UserError
-from tests.conftest import ROOT, checkpoint_steps, tiny_digits_config, tiny_train_command
+from tests.conftest import ROOT, checkpoint_steps, signal_after_first_checkpoint, tiny_digits_config
+from tests.conftest import tiny_train_command
 
 
 def _small_state_dict(step: int) -> dict:
@@ -252,17 +253,8 @@ def _environment() -> dict:
 
 @pytest.mark.slow
 def test_sigterm_saves_the_current_step_exits_75_and_a_rerun_resumes(tmp_path):
-  process = subprocess.Popen(_main_command(tmp_path, 10_000), cwd=ROOT, env=_environment(),
-                             stderr=subprocess.PIPE, text=True)
-  seen = []
-  for line in process.stderr:  # wait for the first checkpoint
-    seen.append(line)
-    if 'Saving the checkpoint at step 4.' in line:
-      break
-  process.send_signal(signal.SIGTERM)
-  seen.append(process.communicate(timeout=300)[1])
-  log = ''.join(seen)
-  assert process.returncode == 75, log[-3000:]  # main.EXIT_PREEMPTED: a rerun resumes
+  status, log = signal_after_first_checkpoint(_main_command(tmp_path, 10_000), signal.SIGTERM)
+  assert status == 75, log[-3000:]  # main.EXIT_PREEMPTED: a rerun resumes
   preempted_at = int(re.search(r'Stopped by SIGTERM: saved the checkpoint at step (\d+)',
                                log).group(1))
   assert checkpoint_steps(tmp_path)[-1] == preempted_at > 4

@@ -125,7 +125,8 @@ def test_read_torch_file_without_torch(name):
 
 def test_read_torch_file_refuses_other_classes_and_bad_strides():
   with pytest.raises(pickle.UnpicklingError):
-    torch_file.read_torch_file(pickle.dumps(torch_file._TorchUnpickler))  # would import an arbitrary class
+    # It would import an arbitrary class.
+    torch_file.read_torch_file(pickle.dumps(torch_file._TorchUnpickler))
   storage = torch_file._Storage('0', np.dtype(np.float32), 4)
   with pytest.raises(ValueError, match='outside its storage'):
     torch_file._Tensor(storage, 1, (2, 2), (2, 1)).to_numpy(np.zeros(4, np.float32))
@@ -165,7 +166,8 @@ def test_bad_inputs_are_user_errors(tmp_path):
   with pytest.raises(UserError, match='not a file'):
     inception_weights.load_inception_params(str(tmp_path / 'missing.pth'), cache=str(tmp_path))
   with pytest.raises(UserError, match='is not pytorch-fid'):
-    inception_weights.load_inception_params(os.path.join(FIXTURES, 'torch_save_zip.pt'), cache=str(tmp_path))
+    inception_weights.load_inception_params(os.path.join(FIXTURES, 'torch_save_zip.pt'),
+                                            cache=str(tmp_path))
 
 
 @pytest.fixture(scope='module')

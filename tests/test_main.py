@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from ddpm_jax import workdir_lock
-from tests.conftest import ROOT, checkpoint_steps, tiny_train_command
+from tests.conftest import ROOT, checkpoint_steps, signal_after_first_checkpoint, tiny_train_command
 
 
 def _run(command, **kwargs) -> subprocess.CompletedProcess:
@@ -77,18 +77,9 @@ def test_a_second_trainer_on_a_workdir_refuses(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_saves_exits_75_quietly_and_leaves_no_temporary_checkpoint(tmp_path):
-  process = subprocess.Popen(
-      tiny_train_command(tmp_path, {'training.num_train_steps': 10_000}), cwd=ROOT,
-      env=dict(os.environ, PYTHONPATH=ROOT), stderr=subprocess.PIPE, text=True)
-  seen = []
-  for line in process.stderr:  # wait for the first checkpoint
-    seen.append(line)
-    if 'Saving the checkpoint at step 4.' in line:
-      break
-  process.send_signal(signal.SIGINT)
-  seen.append(process.communicate(timeout=300)[1])
-  log = ''.join(seen)
-  assert process.returncode == 75, log[-3000:]
+  status, log = signal_after_first_checkpoint(
+      tiny_train_command(tmp_path, {'training.num_train_steps': 10_000}), signal.SIGINT)
+  assert status == 75, log[-3000:]
   stopped_at = int(re.search(r'Stopped by SIGINT: saved the checkpoint at step (\d+); rerun the '
                              r'same command to resume.', log).group(1))
   assert checkpoint_steps(tmp_path)[-1] == stopped_at > 4
