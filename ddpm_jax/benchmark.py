@@ -13,11 +13,11 @@ are imported, so it runs on an accelerator image that has nothing else.
 Times `train_step.jit_train_step` (forward, loss, backward, clipping, Adam, EMA; the state donated
 as in training) and one reverse step of the configured sampler (`sampling.sampler`, `num_steps`,
 `eta`, `spacing`: the paper's `p_sample`, or a respaced or DDIM step, with the EMA parameters),
-both jitted over the mesh of all devices; a scan of `--scan_steps` reverse steps
-(`sampling._reverse_chain`, the loop of `sample_loop`) confirms the per-step cost, and
+both jitted over the mesh of all devices: `sampling.jit_sampler` of a one-step chain, and of a
+`--scan_steps` chain (the loop of `sample_loop`) to confirm the per-step cost;
 `sample_seconds_per_sample` is the step time times the kept steps over the batch. Times are
-medians. The last line of stdout is one JSON object (compare with the PyTorch peer,
-`../shared/bench/torch_peer.py`), in both modes; progress goes to the log.
+medians. The last line of stdout is one JSON object (docs/performance.md compares it with a
+PyTorch implementation of the same network), in both modes; progress goes to the log.
 """
 import functools
 import json
@@ -29,14 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from ddpm_jax import diffusion as diffusion_lib, memory, parallel, sampling
-from ddpm_jax import train_step as train_step_lib, unet
-from ddpm_jax.errors import UserError
+from ddpm_jax import cli, memory, parallel, sampling, seeds, train_step as train_step_lib
+from ddpm_jax import xla_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed calls of each step; the median is reported.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls after compilation.')
 _SCAN_STEPS = flags.DEFINE_integer('scan_steps', 10, 'Reverse steps in the timed scan.')
@@ -88,39 +84,20 @@ def _peak_bytes(executables) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'max_rss'
 
 
-def _reverse_step_fns(config, mesh, num_scan_steps: int):
-  """Jitted (ema_params, (x_t, i), rng) -> (x at the next kept step, i - 1): a step and a scan.
+def _sampler_fns(config, mesh, num_scan_steps: int):
+  """Jitted samplers of `config` over 1 and `num_scan_steps` kept steps, and its kept-step count.
 
-  The step is the configured sampler's; returns them and the number of kept steps.
+  A reverse step costs the same whichever kept timesteps a chain has (one network pass and the
+  update), so a one-step chain and a short one time the configured sampler's step and loop.
   """
-  model, diffusion = unet.create_model(config), diffusion_lib.from_config(config)
-  clip = config.sampling.clip_denoised
-  kept = sampling.kept_timesteps(diffusion.num_timesteps, config.sampling.num_steps,
-                                 config.sampling.spacing)
+  num_kept = len(sampling.kept_timesteps(config.diffusion.num_timesteps,
+                                         config.sampling.num_steps, config.sampling.spacing))
 
-  def reverse_step(ema_params):
-    model_fn = lambda x, t: model.apply({'params': ema_params}, x, t, train=False)
-    return sampling._reverse_step(  # pylint: disable=protected-access
-        diffusion, model_fn, clip_denoised=clip, **sampling.settings(config))[0]
-
-  def one_step(ema_params, carry, rng):
-    x, i = carry
-    noise = sampling._step_noise(rng, x.shape, mesh)(i)  # pylint: disable=protected-access
-    x, _ = reverse_step(ema_params)(x, i, noise)
-    return x, i - 1
-
-  def scan(ema_params, carry, rng):
-    x, i = carry
-    noise_fn = sampling._step_noise(rng, x.shape, mesh)  # pylint: disable=protected-access
-    start_index = min(num_scan_steps, len(kept)) - 1
-    x, _ = sampling._reverse_chain(  # pylint: disable=protected-access
-        reverse_step(ema_params), kept, x, noise_fn, start_index=start_index)
-    return x, i
-
-  replicated, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  jit = functools.partial(jax.jit, in_shardings=(replicated, (data, replicated), replicated),
-                          out_shardings=(data, replicated), donate_argnums=1)
-  return jit(one_step), jit(scan), len(kept)
+  def sampler(num_steps):
+    short = config.copy_and_resolve_references()
+    short.sampling.num_steps = num_steps
+    return sampling.jit_sampler(short, mesh)
+  return sampler(1), sampler(min(num_scan_steps, num_kept)), num_kept
 
 
 def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10,
@@ -153,19 +130,18 @@ def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10,
   flops_per_step = float(train_step.cost_analysis()['flops']) * mesh.size
 
   ema_params = state.ema_params
-  x_T = parallel.global_batch(mesh, rng.standard_normal(
-      (sample_batch_size // jax.process_count(),) + image_shape).astype(np.float32))
-  sample_rng = jax.random.PRNGKey(config.seed + 1)
-  one_step_jit, scan_jit, num_kept = _reverse_step_fns(config, mesh, scan_steps)
-  carry = lambda: (jnp.copy(x_T), jnp.int32(num_kept - 1))
+  sample_rng = seeds.key(config.seed, seeds.BENCHMARK_SAMPLER)
+  one_step_jit, scan_jit, num_kept = _sampler_fns(config, mesh, scan_steps)
+  scan_steps = min(scan_steps, num_kept)
   logging.info('Compiling the reverse step (batch %d) and a %d-step scan.', sample_batch_size,
                scan_steps)
-  one_step, sample_compile_seconds = _compile(one_step_jit, ema_params, carry(), sample_rng)
-  scan, _ = _compile(scan_jit, ema_params, carry(), sample_rng)
+  one_step, sample_compile_seconds = _compile(one_step_jit, ema_params, sample_rng,
+                                              sample_batch_size)
+  scan, _ = _compile(scan_jit, ema_params, sample_rng, sample_batch_size)
   logging.info('Timing %d reverse steps and %d scans.', steps, max(steps // 2, 1))
-  step_seconds, _ = _median_seconds(lambda c: one_step(ema_params, c, sample_rng), carry(),
+  step_seconds, _ = _median_seconds(lambda _: one_step(ema_params, sample_rng), None,
                                     steps=steps, warmup=warmup)
-  scan_seconds, _ = _median_seconds(lambda c: scan(ema_params, c, sample_rng), carry(),
+  scan_seconds, _ = _median_seconds(lambda _: scan(ema_params, sample_rng), None,
                                     steps=max(steps // 2, 1), warmup=1)
 
   peak_bytes, peak_source = _peak_bytes([train_step, one_step, scan])
@@ -180,7 +156,7 @@ def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10,
       sample_seconds_per_sample=step_seconds * num_kept / sample_batch_size,
       sampler=config.sampling.sampler,
       sample_num_steps=num_kept,
-      scan_steps_per_sec=min(scan_steps, num_kept) / scan_seconds,
+      scan_steps_per_sec=scan_steps / scan_seconds,
       compile_seconds=compile_seconds,
       sample_compile_seconds=sample_compile_seconds,
       params=num_params,
@@ -202,22 +178,21 @@ def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.no_arguments(argv)
+  xla_flags.apply()  # before JAX starts its backend
+  cli.start(cli.CONFIG.value)
   parallel.initialize()  # TPU pods; nothing elsewhere
-  try:
-    if _MEMORY.value:
-      result = memory.report(_CONFIG.value, devices=_DEVICES.value,
-                             grad_accum_steps=[int(k) for k in _GRAD_ACCUM_STEPS.value],
-                             log=logging.info)
-    else:
-      result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
-                   scan_steps=_SCAN_STEPS.value, matmul_size=_MATMUL_SIZE.value)
-  except UserError as error:  # one sentence, no traceback
-    raise app.UsageError(str(error)) from None
+  if _MEMORY.value:
+    result = memory.report(cli.CONFIG.value, devices=_DEVICES.value,
+                           grad_accum_steps=[int(k) for k in _GRAD_ACCUM_STEPS.value],
+                           log=logging.info)
+  else:
+    result = run(cli.CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
+                 scan_steps=_SCAN_STEPS.value, matmul_size=_MATMUL_SIZE.value)
   print(json.dumps(result), flush=True)
 
 
 if __name__ == '__main__':
+  flags.adopt_module_key_flags(cli)  # --config in --help
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(cli.with_user_errors(main), flags_parser=cli.parse_flags)

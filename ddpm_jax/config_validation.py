@@ -1,20 +1,20 @@
 """Checks a whole config before anything starts: each field's type and range, then combinations.
 
 `validate(config)` raises a `UserError` whose one sentence names the field, its value and what
-is allowed. A field is one line of `FIELDS` (a field missing from the config is skipped, so a
-config of an older version still validates); a combination of fields is one function of
-`COMBINATIONS`. `*_every` fields take 0 for "never" where the loop has a use for that: 0 log
-steps, checkpoints, sample grids or permanent checkpoints mean only the last step (and a
-preemption) logs or saves, none are drawn, none are kept.
+is allowed. Every field of the config is one line of `FIELDS` (a test walks the default and every
+shipped config); a combination of fields is one function of `COMBINATIONS`. A choice is the
+owning module's tuple (`unet.COMPUTE_DTYPES`, `sampling.SAMPLERS`, ...), and where the owning
+module checks a combination itself (`diffusion.GaussianDiffusion`, `sampling.check_settings`)
+the combination here calls it, so each rule is stated once. The jobs then rely on a validated
+config. `*_every` fields take 0 for "never" where the loop has a use for that: 0 log steps,
+checkpoints, sample grids or permanent checkpoints mean only the last step (and a preemption)
+logs or saves, none are drawn, none are kept.
 """
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
 from ddpm_jax import diffusion, sampling, unet
 from ddpm_jax.errors import UserError
-
-DTYPES = ('float32', 'bfloat16', 'float16')
-
 
 class Rule(NamedTuple):
   allows: Callable[[Any], bool]
@@ -81,6 +81,7 @@ FIELDS = {
     'data.random_flip': boolean(),
     'data.shuffle_buffer': integer(1),
     'data.eval_split': text(),
+    'data.data_dir': Rule(lambda v: isinstance(v, str), "a path, or '' for tfds' default"),
     'model.ch': integer(1),
     'model.ch_mult': integers(1, non_empty=True),
     'model.num_res_blocks': integer(1),
@@ -88,7 +89,7 @@ FIELDS = {
     'model.dropout': interval(0, 1),
     'model.resamp_with_conv': boolean(),
     'model.num_groups': integer(1),
-    'model.dtype': one_of(*DTYPES),
+    'model.dtype': one_of(*unet.COMPUTE_DTYPES),
     'model.remat': one_of(*unet.REMAT_BLOCKS),
     'diffusion.beta_schedule': one_of(*diffusion.BETA_SCHEDULES),
     'diffusion.beta_start': interval(0, 1, low_open=True),
@@ -130,6 +131,8 @@ FIELDS = {
     'eval.bpd_batch_size': integer(1),
     'eval.num_samples': integer(1, zero_means='no FID'),
     'eval.inception_batch_size': integer(1),
+    'eval.pt_inception_path': Rule(lambda v: isinstance(v, str),
+                                   "a path or URL, or '' for the cached weights"),
 }
 
 
@@ -181,11 +184,12 @@ def _betas_increase(config) -> Optional[str]:
   return None
 
 
-def _learned_variance_has_a_loss(config) -> Optional[str]:
-  d = config.diffusion
-  if d.loss_type == 'mse' and d.model_var_type.startswith('learned'):
-    return (f'diffusion.model_var_type={d.model_var_type!r} is learned only by '
-            f"diffusion.loss_type='kl'; with loss_type='mse' use 'fixedlarge' or 'fixedsmall'.")
+def _diffusion_can_be_built(config) -> Optional[str]:
+  """The combinations `GaussianDiffusion` refuses (a learned variance needs loss_type='kl')."""
+  try:
+    diffusion.from_config(config)
+  except UserError as error:
+    return f'diffusion.{error}'
   return None
 
 
@@ -200,8 +204,6 @@ def _interpolation_step_is_in_the_chain(config) -> Optional[str]:
 def _sampler_fits_the_chain(config) -> Optional[str]:
   """num_steps within T, eta only for DDIM, and a model whose chain can be respaced."""
   s, num_timesteps = config.sampling, config.diffusion.num_timesteps
-  if 'sampler' not in s:
-    return None
   try:
     sampling.check_settings(num_timesteps, **sampling.settings(config))
     if s.sampler == 'ancestral' and s.num_steps not in (0, num_timesteps):
@@ -221,28 +223,26 @@ def _fid_has_rgb_images(config) -> Optional[str]:
 
 COMBINATIONS = (_image_size_fits_the_unet, _groups_divide_the_channels,
                 _attention_resolutions_exist, _permanent_checkpoints_are_saved, _betas_increase,
-                _learned_variance_has_a_loss, _interpolation_step_is_in_the_chain,
+                _diffusion_can_be_built, _interpolation_step_is_in_the_chain,
                 _sampler_fits_the_chain, _fid_has_rgb_images)
 
 
 def _lookup(config, field: str):
-  """The value of a dotted field, or a missing-marker when the config has no such field."""
+  """The value of a dotted field; a UserError when the config lacks it."""
   node = config
   for name in field.split('.'):
     if name not in node:
-      return _MISSING
+      raise UserError(f'The config has no field {field}; start a config from '
+                      f'ddpm_jax.default_config.get_default_config(), as configs/*.py do.')
     node = node[name]
   return node
-
-
-_MISSING = object()
 
 
 def validate(config) -> None:
   """Raises a UserError, one sentence, at the first field or combination that is not allowed."""
   for field, rule in FIELDS.items():
     value = _lookup(config, field)
-    if value is not _MISSING and not rule.allows(value):
+    if not rule.allows(value):
       raise UserError(f'{field}={value!r} is not allowed: use {rule.allowed}.')
   for check in COMBINATIONS:
     message = check(config)

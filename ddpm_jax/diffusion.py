@@ -108,8 +108,9 @@ class GaussianDiffusion:
     _check_choice('model_var_type', model_var_type, MODEL_VAR_TYPES)
     _check_choice('loss_type', loss_type, LOSS_TYPES)
     if loss_type == 'mse' and model_var_type.startswith('learned'):
-      raise UserError("loss_type='mse' trains only the mean; with a learned variance use "
-                       "loss_type='kl' (the variational bound), as the authors' code requires.")
+      raise UserError(f"model_var_type={model_var_type!r} is learned only by loss_type='kl' (the "
+                      f"variational bound); with loss_type='mse' use 'fixedlarge' or "
+                      f"'fixedsmall'.")
     self.model_mean_type = model_mean_type
     self.model_var_type = model_var_type
     self.loss_type = loss_type
@@ -342,10 +343,15 @@ def respace(diffusion: GaussianDiffusion, kept_timesteps) -> GaussianDiffusion:
                            loss_type=diffusion.loss_type)
 
 
+def betas_from_config(config) -> np.ndarray:
+  """float64[T]: the beta schedule of a config's `diffusion` section."""
+  d = config.diffusion
+  return get_beta_schedule(d.beta_schedule, beta_start=d.beta_start, beta_end=d.beta_end,
+                           num_timesteps=d.num_timesteps)
+
+
 def from_config(config) -> GaussianDiffusion:
   """The GaussianDiffusion of a config's `diffusion` section."""
   d = config.diffusion
-  betas = get_beta_schedule(d.beta_schedule, beta_start=d.beta_start, beta_end=d.beta_end,
-                            num_timesteps=d.num_timesteps)
-  return GaussianDiffusion(betas, model_mean_type=d.model_mean_type,
+  return GaussianDiffusion(betas_from_config(config), model_mean_type=d.model_mean_type,
                            model_var_type=d.model_var_type, loss_type=d.loss_type)

@@ -24,8 +24,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax import fid, images, inception_weights, inference as inference_lib, input_pipeline
-from ddpm_jax import parallel, sampling
+from ddpm_jax import fid, images, inference as inference_lib, input_pipeline, parallel, sampling
+from ddpm_jax import seeds
 from ddpm_jax.errors import UserError
 
 
@@ -36,7 +36,7 @@ def _write_json(path: epath.Path, data: dict) -> None:
   tmp.replace(path)
 
 
-def _read_json(path: epath.Path):
+def _read_json_or_none(path: epath.Path):
   """The JSON in `path`; None if there is none or it is damaged (with a warning naming it)."""
   if not path.exists():
     return None
@@ -45,6 +45,11 @@ def _read_json(path: epath.Path):
   except ValueError as e:
     logging.warning('Ignoring the damaged %s (%s); computing it again.', path, e)
     return None
+
+
+def _splits(config) -> tuple[str, ...]:
+  """('test', 'train'); ('train',) without a held-out split (data.eval_split='train')."""
+  return ('train',) if config.data.eval_split == 'train' else ('test', 'train')
 
 
 # === Bits/dim ===
@@ -77,13 +82,13 @@ def bits_per_dim(inference: inference_lib.Inference, split: str, num_images: int
       **inference.model_settings(), 'seed': inference.config.seed,
       'data': [d.dataset, d.data_dir, d.image_size, d.channels], 'split': split,
       'num_images': num_images, 'batch_size': batch_size})
-  sums = _read_json(progress_path)
+  sums = _read_json_or_none(progress_path)
   if sums is not None and sums.get('settings') != settings:
     logging.info('%s is for other settings; computing bits/dim afresh.', progress_path)
   if sums is None or sums.get('settings') != settings:
     sums = {'batches_done': 0, 'settings': settings}
   fn = _bpd_fn(inference)
-  rng = jax.random.fold_in(jax.random.PRNGKey(inference.config.seed), 7)
+  rng = seeds.key(inference.config.seed, seeds.BITS_PER_DIM)
   batches = input_pipeline.create_eval_iterator(inference.config, split, batch_size=batch_size,
                                                 num_images=num_images)
   resumed_at, start = sums['batches_done'], time.time()
@@ -123,10 +128,10 @@ def rate_distortion(bpd: dict) -> dict:
 
 
 def plot_rate_distortion(rd: dict, path: epath.Path) -> str:
-  import matplotlib
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  """Fig. 5's three panels as a PNG; a bare Figure, so pyplot's backend (a notebook's) is kept."""
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(13, 3.6))
+  axes = fig.subplots(1, 3)
   axes[0].plot(rd['rate_bpd'], rd['distortion_rmse'])
   axes[0].set(xlabel='rate (bits/dim)', ylabel='distortion (RMSE, [0, 255])',
               title='Rate-distortion')
@@ -138,7 +143,6 @@ def plot_rate_distortion(rd: dict, path: epath.Path) -> str:
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open('wb') as f:
     fig.savefig(f, format='png', dpi=100)
-  plt.close(fig)
   return str(path)
 
 
@@ -176,7 +180,7 @@ def _reference_statistics(config, split: str, inception_params, batch_size: int)
                                    'inception': _params_digest(inception_params)})
   name = f'{d.dataset}_{split}_{d.image_size}_{hashlib.sha256(key.encode()).hexdigest()[:12]}'
   file_name = name.replace('/', '_').replace(':', '_') + '.npz'
-  path = epath.Path(inception_weights.cache_dir()) / 'fid_stats' / file_name
+  path = epath.Path(fid.weights.cache_dir()) / 'fid_stats' / file_name
   if path.exists():
     try:
       with path.open('rb') as f:
@@ -197,16 +201,17 @@ def _reference_statistics(config, split: str, inception_params, batch_size: int)
 
 
 def fid_metrics(config, samples: np.ndarray) -> dict:
-  """FID against the train and test sets, KID against train, IS when the logits exist."""
+  """FID against the train and test sets (train only without a held-out split), KID against
+  train, IS when the logits exist."""
   if config.data.channels != 3:
     raise UserError(f'FID needs RGB images, but {config.data.dataset} has '
                     f'{config.data.channels} channel(s); set --config.eval.num_samples=0.')
-  params, has_logits = inception_weights.load_inception_params(config.eval.pt_inception_path)
+  params, has_logits = fid.weights.load_inception_params(config.eval.pt_inception_path)
   batch_size = config.eval.inception_batch_size
   feats = fid.inception_features(samples, batch_size=batch_size, params=params)
   mu, sigma = fid.feature_statistics(feats['pool3'])
   out = {'num_samples': int(len(samples))}
-  for split in ('train', 'test'):
+  for split in reversed(_splits(config)):
     ref_mu, ref_sigma = _reference_statistics(config, split, params, batch_size)
     out[f'fid_{split}'] = float(fid.frechet_distance(mu, sigma, ref_mu, ref_sigma))
   num_kid = min(len(samples), 10_000)
@@ -217,8 +222,8 @@ def fid_metrics(config, samples: np.ndarray) -> dict:
   if has_logits:
     out['is'], out['is_std'] = map(float, fid.inception_score(feats['logits']))
   else:
-    logging.warning('No Inception Score: %s.', inception_weights.LOGITS_MISSING)
-    out['is_missing'] = inception_weights.LOGITS_MISSING
+    logging.warning('No Inception Score: %s.', fid.weights.LOGITS_MISSING)
+    out['is_missing'] = fid.weights.LOGITS_MISSING
   return out
 
 
@@ -259,49 +264,56 @@ def digits_metrics(config, samples: np.ndarray) -> dict:
 
 # === The job ===
 
-def evaluate(config, workdir, *, mesh=None) -> dict:
+def evaluate(config, workdir, *, mesh=None, inference=None) -> dict:
   """--mode=eval: writes WORKDIR/eval/<step><sampler tag>.json and the rate-distortion files.
 
   The metrics JSON is <step>.json for the paper's sampler (ancestral, all T steps) and, for
   example, <step>_ddim50.json for another (`sampling.settings_tag`); it records the sampler
   settings and the checkpoint step. Bits/dim and rate-distortion do not depend on the sampler.
+  `inference`: the checkpoint already restored (--mode=all shares the sample job's).
   """
   e = config.eval
-  inference = inference_lib.Inference(config, workdir, step=config.sampling.step, mesh=mesh)
+  inference = inference or inference_lib.Inference(config, workdir, step=config.sampling.step,
+                                                    mesh=mesh)
   step = inference.step
   eval_dir = epath.Path(workdir) / 'eval'
   metrics = {'step': step, **sampling.settings(config), 'seed': config.seed,
              'num_timesteps': config.diffusion.num_timesteps}
   out = {}
   start = time.time()
+  splits = _splits(config)
   if e.bpd_num_images > 0:
-    for split in ('test', 'train'):
+    for split in splits:
       bpd = bits_per_dim(inference, split, e.bpd_num_images, batch_size=e.bpd_batch_size,
                          progress_path=eval_dir / f'{step}_bpd_{split}.progress.json')
       metrics[f'bpd_{split}'] = float(bpd['total_bpd'])
       metrics[f'prior_bpd_{split}'] = float(bpd['prior_bpd'])
       metrics[f'l0_bpd_{split}'] = float(bpd['terms_bpd'][0])  # the decoder's -log p(x0|x1)
-      if split == 'test':
+      if split == splits[0]:  # Table 4 / Fig. 5 on held-out images where there are any
         rd = rate_distortion(bpd)
         if jax.process_index() == 0:
           _write_json(eval_dir / f'rate_distortion_{step}.json',
-                      {**rd, 'step': step, 'num_timesteps': config.diffusion.num_timesteps})
+                      {**rd, 'step': step, 'split': split,
+                       'num_timesteps': config.diffusion.num_timesteps})
           out['rate_distortion_png'] = plot_rate_distortion(
               rd, eval_dir / f'rate_distortion_{step}.png')
-    logging.info('bits/dim: test %.4f, train %.4f.', metrics['bpd_test'], metrics['bpd_train'])
+    logging.info('bits/dim: %s.', ', '.join(f'{split} {metrics[f"bpd_{split}"]:.4f}'
+                                            for split in splits))
   if config.data.dataset == 'digits':
     sample_start = time.time()
     npz = inference_lib.generate(inference, workdir,
                                  name=inference.samples_name(config.sampling.name),
                                  num_samples=config.sampling.num_samples,
-                                 batch_size=config.sampling.batch_size, seed=config.seed)
+                                 batch_size=config.sampling.batch_size,
+                                 seed=config.seed + seeds.SAMPLES_OFFSET)
     metrics['sample_seconds'] = time.time() - sample_start
     metrics['digits'] = digits_metrics(config, inference_lib.read_samples(npz))
   elif e.num_samples > 0:
     sample_start = time.time()
     npz = inference_lib.generate(inference, workdir, name=inference.samples_name('fid'),
                                  num_samples=e.num_samples,
-                                 batch_size=config.sampling.batch_size, seed=config.seed + 1)
+                                 batch_size=config.sampling.batch_size,
+                                 seed=config.seed + seeds.FID_SAMPLES_OFFSET)
     metrics['sample_seconds'] = time.time() - sample_start
     metrics.update(fid_metrics(config, inference_lib.read_samples(npz)))
   metrics['eval_seconds'] = time.time() - start

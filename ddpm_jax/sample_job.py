@@ -6,7 +6,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from ddpm_jax import images, inference as inference_lib, parallel, sampling
+from ddpm_jax import images, inference as inference_lib, input_pipeline, parallel, sampling, seeds
 
 
 def _progressive_figure(inference: inference_lib.Inference, rng, *, num_images: int,
@@ -27,7 +27,6 @@ def _progressive_figure(inference: inference_lib.Inference, rng, *, num_images: 
 def _interpolation_figure(inference: inference_lib.Inference, rng, *, t: int,
                           num_lambdas: int, num_pairs: int = 4) -> np.ndarray:
   """Fig. 8: a row per pair of test images, lambda from 0 to 1, the sources at both ends."""
-  from ddpm_jax import input_pipeline
   real = next(input_pipeline.create_eval_iterator(
       inference.config, 'test', batch_size=inference.padded(2 * num_pairs),
       num_images=2 * num_pairs))['image']
@@ -47,27 +46,30 @@ def _upscale(image_size: int) -> int:
   return max(1, 64 // image_size)
 
 
-def sample_from_workdir(config, workdir, *, mesh: Optional[Mesh] = None) -> dict:
+def sample_from_workdir(config, workdir, *, mesh: Optional[Mesh] = None,
+                        inference: Optional[inference_lib.Inference] = None) -> dict:
   """--mode=sample: samples of the EMA model of a checkpoint, as .npz and a PNG grid.
 
   Writes WORKDIR/samples/<name>_<step>.npz (key `samples`, uint8 [N, H, W, C]; with another
   sampler <name>_<step>_ddim50.npz and so on, see `sampling.settings_tag`) and a grid PNG
   beside it; with sampling.progressive_every or sampling.interpolate_t, also the paper's Fig. 6
-  and Fig. 8 as PNGs, drawn with the same sampler. Returns the paths.
+  and Fig. 8 as PNGs, drawn with the same sampler. Returns the paths. `inference`: the
+  checkpoint already restored (--mode=all shares one with the evaluation).
   """
   s = config.sampling
-  inference = inference_lib.Inference(config, workdir, step=s.step, mesh=mesh)
+  inference = inference or inference_lib.Inference(config, workdir, step=s.step, mesh=mesh)
   name = inference.samples_name(s.name)
   logging.info('Sampling %d images from the EMA weights of step %d on %d devices (%s).',
                s.num_samples, inference.step, inference.mesh.size, sampling.settings(config))
   npz = inference_lib.generate(inference, workdir, name=name, num_samples=s.num_samples,
-                               batch_size=s.batch_size, seed=config.seed)
+                               batch_size=s.batch_size,
+                               seed=config.seed + seeds.SAMPLES_OFFSET)
   out = {'samples_npz': str(npz)}
   if jax.process_index() == 0:
     grid = images.image_grid(inference_lib.read_samples(npz)[:100], ncol=10)
     out['grid_png'] = images.save_png(npz.parent / f'{name}.png', grid,
                                       upscale=_upscale(config.data.image_size))
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1 << 20)
+  rng = seeds.key(config.seed, seeds.FIGURES)
   if s.progressive_every > 0:
     figure = _progressive_figure(inference, rng, num_images=min(s.num_samples, 8),
                                  every=s.progressive_every)

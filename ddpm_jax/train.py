@@ -4,8 +4,11 @@
 sample, checkpoint, stop cleanly on preemption or divergence. The train state and the pure,
 jitted train step live in `train_step.py`.
 """
+import contextlib
 import functools
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -19,7 +22,7 @@ from clu import metric_writers
 from jax.sharding import Mesh
 
 from ddpm_jax import checkpointing, config_validation, images, input_pipeline, parallel, sampling
-from ddpm_jax import workdir_lock
+from ddpm_jax import seeds, workdir_lock
 from ddpm_jax.errors import UserError
 from ddpm_jax.train_step import TrainState, create_train_state, jit_train_step
 
@@ -92,7 +95,7 @@ def train_and_evaluate(config, workdir, *, mesh: Optional[Mesh] = None,
     input_pipeline.num_examples(config, 'train')  # then the data (cached), before the model
     writer = _create_writer(workdir)
     try:
-      with checkpointing.watch_for_preemption(manager) as preempted:
+      with watch_for_preemption(manager) as preempted:
         state = restore_or_create_train_state(config, workdir, mesh, manager)
         _warn_if_another_seed(config, state)
         logging.info('Training to step %d: checkpoints go to %s, TensorBoard metrics to %s.',
@@ -104,6 +107,38 @@ def train_and_evaluate(config, workdir, *, mesh: Optional[Mesh] = None,
       manager.wait_until_finished()
       manager.close()
       writer.flush()
+
+
+@contextlib.contextmanager
+def watch_for_preemption(manager: ocp.CheckpointManager) -> Iterator[Callable[[int], str]]:
+  """Yields `preempted(step) -> str`: '' while training goes on, the signal's name once the job
+  should save and stop.
+
+  One process: handlers of SIGTERM (preemption) and SIGINT (Ctrl-C), installed for the
+  duration, note the signal; a second Ctrl-C interrupts at once (KeyboardInterrupt), without
+  saving. Several processes: JAX's preemption service (it watches SIGTERM on every host) says
+  'SIGTERM' at the same step on all of them, so they save together; Ctrl-C interrupts.
+  """
+  if jax.process_count() > 1:
+    yield lambda step: 'SIGTERM' if manager.reached_preemption(step) else ''
+    return
+  if threading.current_thread() is not threading.main_thread():  # signals reach the main thread
+    yield lambda step: ''
+    return
+  received = []
+
+  def note(signum, frame):
+    del frame
+    received.append(signal.Signals(signum).name)
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  previous = {signum: signal.signal(signum, note) for signum in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield lambda step: received[0] if received else ''
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def _create_writer(workdir) -> metric_writers.MetricWriter:
@@ -151,7 +186,7 @@ def _train_loop(config, state, mesh, manager, writer, preempted, train_iter) -> 
   0: only at the last step), stops early when `preempted(step)` names a signal."""
   tc = config.training
   grid_rng = _replicate_host_values(  # the same x_T every time
-      mesh, jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+      mesh, seeds.key(config.seed, seeds.TRAINING_GRID))
   p_train_step, sample_grid = _compile_on_every_process(config, mesh, state, grid_rng)
   last_good_step = int(state.step) or None  # restored checkpoints are checked finite
   history = []  # (step, metrics) not yet checked for divergence

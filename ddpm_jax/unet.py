@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax import xla_flags  # pylint: disable=unused-import  (CPU flags, before JAX's backend starts)
 from ddpm_jax.errors import UserError
 
 
@@ -228,12 +227,9 @@ class UNet(_Layers):
 
 
 def create_model(config) -> UNet:
-  """The U-Net of a config: 2C output channels when the variance is learned."""
+  """The U-Net of a validated config (`config_validation`): 2C output channels when the
+  variance is learned."""
   m, d = config.model, config.data
-  if m.remat not in REMAT_BLOCKS:
-    raise UserError(f'Unknown model.remat={m.remat!r}; use one of {", ".join(REMAT_BLOCKS)}.')
-  if m.dtype not in COMPUTE_DTYPES:
-    raise UserError(f'Unknown model.dtype={m.dtype!r}; use one of {", ".join(COMPUTE_DTYPES)}.')
   learned = config.diffusion.model_var_type.startswith('learned')
   return UNet(ch=m.ch, out_ch=d.channels * (2 if learned else 1), ch_mult=tuple(m.ch_mult),
               num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),

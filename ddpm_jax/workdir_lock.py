@@ -17,7 +17,7 @@ import jax
 from absl import logging
 from etils import epath
 
-from ddpm_jax import checkpointing
+from ddpm_jax import checkpointing, errors
 from ddpm_jax.errors import UserError
 
 LOCK = 'train.lock'
@@ -113,7 +113,7 @@ def hold(workdir) -> Iterator[None]:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     path = _acquire(workdir)
   except OSError as error:
-    raise checkpointing.writable_error(workdir, error) from None
+    raise errors.unwritable_workdir(workdir, error) from None
   stop = threading.Event()
 
   def heartbeat():
@@ -121,7 +121,7 @@ def hold(workdir) -> Iterator[None]:
       try:
         _lock_draft(path).replace(path)
       except Exception as error:  # pylint: disable=broad-except  (storage hiccups; try again)
-        logging.warning('Could not refresh %s (%s).', path, checkpointing.one_line(error))
+        logging.warning('Could not refresh %s (%s).', path, errors.one_line(error))
 
   thread = threading.Thread(target=heartbeat, name='workdir_lock_heartbeat', daemon=True)
   thread.start()

@@ -8,7 +8,8 @@ Benchmark); results agree to float32 rounding.
 
 Applied only where they were measured: runs that can only use the CPU (JAX_PLATFORMS=cpu, or no
 TPU or GPU plugin installed) with jaxlib 0.10. A flag the user already put in XLA_FLAGS wins.
-Importing `ddpm_jax.unet` applies them; after JAX has started its backend they have no effect.
+The commands (`main`, `benchmark`) and the tests' conftest call `apply()` before JAX starts its
+backend; a library user opts in the same way (afterwards the flags have no effect).
 """
 import importlib.metadata
 import importlib.util
@@ -41,6 +42,3 @@ def apply(environ=os.environ) -> None:
   given = {f.lstrip('-').split('=', 1)[0] for f in flags}
   flags += [f'--{name}={value}' for name, value in CPU_FLAGS.items() if name not in given]
   environ['XLA_FLAGS'] = ' '.join(flags)
-
-
-apply()

@@ -19,6 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)  # so `configs.<name>` imports in tests
 
+from ddpm_jax import xla_flags  # pylint: disable=wrong-import-position
+
+xla_flags.apply()  # as the commands do, before JAX starts its backend
+
 
 def tiny_train_command(workdir, overrides: dict, *flags: str) -> list[str]:
   """`python -m ddpm_jax.main --mode=train` on a tiny digits U-Net, with config `overrides`."""

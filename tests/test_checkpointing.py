@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import flax.serialization
@@ -102,8 +103,10 @@ def test_a_damaged_latest_checkpoint_falls_back_and_is_kept(tmp_path, caplog, ho
   _damage(damaged, how)
   files_before = sorted(str(p.relative_to(damaged)) for p in damaged.rglob('*'))
 
+  hook = sys.unraisablehook
   with caplog.at_level(logging.WARNING):
     assert int(checkpointing.restore_state_dict(str(tmp_path))['step']) == 1
+  assert sys.unraisablehook is hook  # the quieting ends with the restore
   assert 'The checkpoint at step 2' in caplog.text and 'damaged' in caplog.text
   assert damaged.exists()  # reading never deletes
 

@@ -17,7 +17,7 @@ import pytest
 
 from configs import cifar10, lsun_church256
 from ddpm_jax import checkpointing, convert, parallel, sample_job, train, unet
-from ddpm_jax import weight_names
+from ddpm_jax.convert import names as weight_names
 from ddpm_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

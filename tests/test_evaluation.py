@@ -40,3 +40,34 @@ def test_eval_writes_bpd_rate_distortion_and_the_digits_check(trained_digits):
   assert np.all(np.diff(np.convolve(distortion, np.ones(8) / 8, 'valid')[::8]) > 0)
   assert distortion[-1] > 5 * distortion[0]
   np.testing.assert_allclose(rd['total_bpd'], metrics['bpd_test'], rtol=1e-6)
+
+
+def test_the_rate_distortion_plot_keeps_the_users_matplotlib_backend(tmp_path):
+  import matplotlib
+  before = matplotlib.get_backend()
+  matplotlib.use('svg')  # a notebook's backend stands in: any but the Agg a plot would switch to
+  try:
+    rd = evaluation.rate_distortion({'terms_bpd': np.array([3.0, 0.5]), 'prior_bpd': 0.01,
+                                     'mse': np.array([0.0, 0.01]), 'total_bpd': 3.51})
+    path = evaluation.plot_rate_distortion(rd, epath.Path(tmp_path) / 'rd.png')
+    assert matplotlib.get_backend() == 'svg'
+    assert epath.Path(path).read_bytes().startswith(b'\x89PNG')
+  finally:
+    matplotlib.use(before)
+
+
+def test_without_a_held_out_split_nothing_is_reported_as_test(trained_digits, tmp_path):
+  """data.eval_split='train' (LSUN cat, CelebA-HQ): train numbers only, named train."""
+  import shutil
+  config, workdir = trained_digits
+  workdir = shutil.copytree(workdir, tmp_path / 'workdir')
+  config = config.copy_and_resolve_references()
+  config.data.eval_split = 'train'
+  config.sampling.num_samples = 20
+  out = evaluation.evaluate(config, str(workdir))
+  metrics = json.loads(epath.Path(out['metrics_json']).read_text())
+  assert 'bpd_train' in metrics and not [key for key in metrics if key.endswith('_test')]
+  step = metrics['step']
+  rd = json.loads((epath.Path(workdir) / 'eval' / f'rate_distortion_{step}.json').read_text())
+  assert rd['split'] == 'train'
+  np.testing.assert_allclose(rd['total_bpd'], metrics['bpd_train'], rtol=1e-6)

@@ -8,11 +8,14 @@ import logging
 import os
 import pickle
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 
-from ddpm_jax import fid, inception, inception_weights, torch_file
+from ddpm_jax import fid
 from ddpm_jax.errors import UserError
+from ddpm_jax.fid import inception, torch_file, weights as inception_weights
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 
@@ -236,3 +239,11 @@ def test_pool3_matches_torch_reference():
   features = np.concatenate([big, small[:2]])
   assert features.shape == (4, 2048) and features.dtype == np.float32
   np.testing.assert_allclose(features, reference['pool3'], rtol=0, atol=1e-3)
+
+
+def test_the_inception_weights_go_to_the_devices_once_per_parameter_set():
+  mesh = Mesh(np.asarray(jax.local_devices()[:2]), ('data',))
+  params = {'w': np.ones(3, np.float32)}
+  first = fid._replicated(params, mesh)  # pylint: disable=protected-access
+  assert fid._replicated(params, mesh) is first  # pylint: disable=protected-access
+  assert fid._replicated(dict(params), mesh) is not first  # pylint: disable=protected-access

@@ -234,8 +234,6 @@ def test_remat_and_gradient_accumulation_make_the_same_update():
 @pytest.mark.parametrize('field,value,message', [
     ('training.grad_accum_steps', 3, r'grad_accum_steps=3 must be a positive divisor of the 2 '
                                      r'examples per device'),
-    ('model.remat', 'all', r"Unknown model.remat='all'; use one of none, blocks"),
-    ('model.dtype', 'float16', r"Unknown model.dtype='float16'; use one of float32, bfloat16"),
 ])
 def test_bad_memory_settings_are_one_sentence(field, value, message):
   config = _config()

@@ -17,6 +17,7 @@ import subprocess
 import numpy as np
 import pytest
 from etils import epath
+from safetensors import numpy as safetensors_numpy
 
 from ddpm_jax import evaluation, inference, sample_job, train
 from ddpm_jax.errors import UserError
@@ -118,3 +119,18 @@ def test_a_gs_workdir_trains_resumes_samples_and_evaluates(tmp_path):
     metrics = json.loads(gcs.read(prefix + 'eval/6.json'))
     assert metrics['step'] == 6 and np.isfinite(metrics['bpd_test'])
     assert prefix + 'eval/rate_distortion_6.json' in names
+
+    # The EMA weights exported to a DDPMPipeline folder in the bucket (etils.epath), not ./gs:/
+    export = f'gs://{gcs.bucket}/export/pipeline'
+    convert = [arg for arg in tiny_train_command(workdir, overrides) if arg != '--mode=train']
+    convert[convert.index('ddpm_jax.main')] = 'ddpm_jax.convert'
+    _run_main(convert + [f'--to_diffusers={export}'], env)
+    exported = [name for name in gcs.object_names('export/') if not name.endswith('/')]
+    assert sorted(exported) == ['export/pipeline/model_index.json',
+                                'export/pipeline/scheduler/scheduler_config.json',
+                                'export/pipeline/unet/config.json',
+                                'export/pipeline/unet/diffusion_pytorch_model.safetensors']
+    weights = safetensors_numpy.load(gcs.read('export/pipeline/unet/'
+                                              'diffusion_pytorch_model.safetensors'))
+    assert weights['conv_in.weight'].shape == (32, 1, 3, 3)  # torch layout of the tiny U-Net
+    assert not os.path.exists(os.path.join(ROOT, 'gs:'))

@@ -11,7 +11,6 @@ evaluation samples with), Adam's slots `<var>/Adam` and `<var>/Adam_1`, `beta1_p
 `beta2_power` and `global_step`. The checkpoint is read with `tf.train.load_checkpoint`; no TF
 graph is built.
 """
-import dataclasses
 import os
 import re
 from typing import Optional
@@ -19,22 +18,12 @@ from typing import Optional
 import numpy as np
 from absl import logging
 
-from ddpm_jax import weight_names
+from ddpm_jax.convert import names
 from ddpm_jax.errors import UserError
 
 EMA, ADAM_M, ADAM_V = 'ExponentialMovingAverage', 'Adam', 'Adam_1'
 BOOKKEEPING = ('global_step', 'beta1_power', 'beta2_power')
 _CHECKPOINT_SUFFIXES = re.compile(r'\.(index|meta|data-\d+-of-\d+)$')
-
-
-@dataclasses.dataclass
-class Weights:
-  """A source's weights by flax path: raw, EMA, Adam moments (None if absent) and step."""
-  params: dict
-  ema_params: dict
-  adam_mu: Optional[dict]
-  adam_nu: Optional[dict]
-  step: int
 
 
 def _step_of(prefix: str) -> int:
@@ -61,12 +50,12 @@ def checkpoint_prefix(path: str) -> Optional[str]:
   return os.path.join(path, prefixes[-1]) if prefixes else None
 
 
-def tf_name(path: weight_names.Path) -> str:
+def tf_name(path: names.Path) -> str:
   """The authors' variable of a flax path, e.g. model/down_0/block_1/conv1/W."""
   module, *inner, leaf = path
   scope = re.sub(r'^(down|up)_(\d+)_', r'\1_\2/', module)
   scope = re.sub(r'^(mid|temb)_', r'\1/', scope)
-  if weight_names.is_group_norm(path):
+  if names.is_group_norm(path):
     leaf = {'scale': 'gamma', 'bias': 'beta'}[leaf]
   else:
     leaf = {'kernel': 'W', 'bias': 'b'}[leaf]
@@ -87,7 +76,7 @@ def _split_names(names) -> tuple[set, dict[str, set], list]:
   return variables, slots, others
 
 
-def read(prefix: str, config) -> Weights:
+def read(prefix: str, config) -> names.Weights:
   """The weights of checkpoint `prefix` for the config's model; UserError on any mismatch."""
   import tensorflow as tf
   try:
@@ -98,16 +87,16 @@ def read(prefix: str, config) -> Weights:
   shapes = reader.get_variable_to_shape_map()
   what = f'the TF checkpoint {prefix}'
   variables, slots, others = _split_names(shapes)
-  expected = weight_names.param_shapes(config)
-  names = {path: tf_name(path) for path in expected}
-  weight_names.check_names(what, [(names[p], p) for p in expected if names[p] not in variables],
-                           variables - set(names.values()))
+  expected = names.param_shapes(config)
+  tf_names = {path: tf_name(path) for path in expected}
+  names.check_names(what, [(tf_names[p], p) for p in expected if tf_names[p] not in variables],
+                    variables - set(tf_names.values()))
   slot_names = {base + '/' + slot for slot, bases in slots.items() for base in bases}
-  weight_names.check_names(what, [], slot_names - {n + '/' + s for n in names.values()
-                                                   for s in slots})
+  names.check_names(what, [], slot_names - {n + '/' + s for n in tf_names.values()
+                                            for s in slots})
   for path, shape in expected.items():
-    weight_names.check_shape(what, names[path], path, shapes[names[path]], shape,
-                             (shape, tuple(shapes[names[path]])))
+    names.check_shape(what, tf_names[path], path, shapes[tf_names[path]], shape,
+                      (shape, tuple(shapes[tf_names[path]])))
   if others:
     logging.warning('Ignoring %d variables of %s outside the model, e.g. %s.', len(others),
                     prefix, others[0])
@@ -118,22 +107,22 @@ def read(prefix: str, config) -> Weights:
 
   def tensors(suffix=''):
     return {path: np.asarray(reader.get_tensor(name + suffix), np.float32)
-            for path, name in names.items()}
+            for path, name in tf_names.items()}
 
   params = tensors()
-  have_ema = {name in slots[EMA] for name in names.values()}
+  have_ema = {name in slots[EMA] for name in tf_names.values()}
   if have_ema == {False}:
     logging.warning('%s has no EMA shadows; the EMA weights are set to the raw ones.', prefix)
     ema_params = params
   elif have_ema == {True}:
     ema_params = tensors('/' + EMA)
   else:
-    name = next(n for n in names.values() if n not in slots[EMA])
+    name = next(n for n in tf_names.values() if n not in slots[EMA])
     raise UserError(f'{what} has no {name}/{EMA} but holds other EMA shadows; it is incomplete.')
-  with_adam = all(n in slots[ADAM_M] and n in slots[ADAM_V] for n in names.values())
+  with_adam = all(n in slots[ADAM_M] and n in slots[ADAM_V] for n in tf_names.values())
   if not with_adam:
     logging.info('%s lacks Adam slots for some variables; the optimizer starts afresh.', prefix)
   step = int(reader.get_tensor('global_step')) if 'global_step' in shapes else 0
-  return Weights(params=params, ema_params=ema_params,
-                 adam_mu=tensors('/' + ADAM_M) if with_adam else None,
-                 adam_nu=tensors('/' + ADAM_V) if with_adam else None, step=step)
+  return names.Weights(params=params, ema_params=ema_params,
+                       adam_mu=tensors('/' + ADAM_M) if with_adam else None,
+                       adam_nu=tensors('/' + ADAM_V) if with_adam else None, step=step)

@@ -1,7 +1,7 @@
 """FID, KID and Inception Score of uint8 images, with the Inception-v3 graph of 2015-12-05.
 
-`inception_features` runs the network of `inception.py`, with the weights of
-`inception_weights.py` by default, over many images split across this process's devices; the
+`inception_features` runs the network of `fid/inception.py`, with the weights of
+`fid/weights.py` by default, over many images split across this process's devices; the
 metrics are numpy in float64, as in the reference implementations.
 
     python -m ddpm_jax.fid --prepare [--pt_inception=PATH_OR_URL]   # fills the weights cache once
@@ -9,22 +9,17 @@ metrics are numpy in float64, as in the reference implementations.
 Public functions: `inception_pool3`, `inception_logits`, `inception_features`,
 `feature_statistics`, `frechet_distance`, `kernel_inception_distance`, `inception_score`.
 """
-import argparse
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddpm_jax import inception, inception_weights
+from ddpm_jax.fid import inception, weights
 from ddpm_jax.errors import UserError
-from ddpm_jax.inception import Params
+from ddpm_jax.fid.inception import Params
 
 # ------------------------------------------------------------------------------------------------
 # Features.
-
-
 
 # Compiled per input size; the network once per batch.
 _preprocess_fn = jax.jit(inception.preprocess)
@@ -42,6 +37,17 @@ def _features_fn(params: Params, images: jax.Array) -> dict[str, jax.Array]:
   return out
 
 
+_REPLICATED: list = []  # [(params, devices, params on those devices)]: the last one used
+
+
+def _replicated(params: Params, mesh: Mesh) -> Params:
+  """`params` on every device of `mesh`; evaluation's repeated calls upload the ~95 MB once."""
+  devices = tuple(mesh.devices.flat)
+  if not (_REPLICATED and _REPLICATED[0][0] is params and _REPLICATED[0][1] == devices):
+    _REPLICATED[:] = [(params, devices, jax.device_put(params, NamedSharding(mesh, P())))]
+  return _REPLICATED[0][2]
+
+
 def inception_features(images_uint8: np.ndarray, *, batch_size: int = 200,
                        params: Params | None = None) -> dict[str, np.ndarray]:
   """One pass of the network over uint8 images [N, H, W, 3].
@@ -57,12 +63,12 @@ def inception_features(images_uint8: np.ndarray, *, batch_size: int = 200,
     raise UserError(f'Inception features need uint8 images [N, H, W, 3]; got {images.dtype} '
                     f'{list(images.shape)} (convert with np.clip(x, 0, 255).astype(np.uint8)).')
   if params is None:
-    params, _ = inception_weights.load_inception_params()
+    params, _ = weights.load_inception_params()
   batch = max(1, min(batch_size, len(images)))
   devices = jax.local_devices()[:batch]  # small batches need not be padded to every device
   mesh = Mesh(np.asarray(devices), ('data',))
   batch = -(-batch // mesh.size) * mesh.size
-  params = jax.device_put(params, NamedSharding(mesh, P()))
+  params = _replicated(params, mesh)
   data_sharding = NamedSharding(mesh, P('data'))
   keys = ['pool3'] + (['logits', 'logits_biased'] if 'fc' in params else [])
   results = {k: [] for k in keys}
@@ -101,18 +107,16 @@ def inception_logits(images_uint8: np.ndarray, *, batch_size: int = 200,
   `has_logits`; raises `UserError` otherwise.
   """
   if params is None:
-    params, _ = inception_weights.load_inception_params()
+    params, _ = weights.load_inception_params()
   if 'fc' not in params:
     raise UserError('These Inception parameters have no classifier: '
-                    f'{inception_weights.LOGITS_MISSING}.')
+                    f'{weights.LOGITS_MISSING}.')
   feats = inception_features(images_uint8, batch_size=batch_size, params=params)
   return feats['logits_biased' if bias else 'logits']
 
 
 # ------------------------------------------------------------------------------------------------
 # Metrics (numpy, float64).
-
-
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Mean [D] and covariance [D, D] (unbiased, as np.cov) of features [N, D], in float64."""
@@ -205,28 +209,3 @@ def inception_score(predictions: np.ndarray, splits: int = 10, *,
     kl = np.sum(part * (log_p - log_marginal), axis=1)
     scores.append(np.exp(kl.mean()))
   return float(np.mean(scores)), float(np.std(scores))
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description='Prepare the FID Inception weights (a cache).')
-  parser.add_argument('--prepare', action='store_true',
-                      help='download and convert the weights into the cache directory')
-  parser.add_argument('--pt_inception', default=inception_weights.PT_INCEPTION_URL,
-                      help='path or URL of pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth '
-                           '(for the Inception Score); empty to skip')
-  parser.add_argument('--cache_dir', default=None, help='default: $DDPM_JAX_CACHE or '
-                                                        '~/.cache/ddpm_jax')
-  args = parser.parse_args(argv)
-  if not args.prepare:
-    parser.print_help()
-    return
-  try:
-    lines = inception_weights.prepare(args.pt_inception, args.cache_dir)
-  except UserError as e:
-    print(f'Error: {e}', file=sys.stderr)
-    sys.exit(1)
-  print('\n'.join(lines))
-
-
-if __name__ == '__main__':
-  main()

@@ -3,6 +3,9 @@
   python -m ddpm_jax.convert --config=configs/cifar10.py --workdir=DIR --from=PATH
   python -m ddpm_jax.convert --config=configs/cifar10.py --workdir=DIR --to_diffusers=OUT
 
+Three sources and one destination: `tf.py` (the authors' TF checkpoints), `diffusers.py`
+(diffusers' folders, both ways), `names.py` (the parameter names and the mismatch errors).
+
 `--from=PATH`: a TF checkpoint (a directory with a `checkpoint` file, whose latest checkpoint is
 used, or a prefix such as `.../model.ckpt-790000`) or a diffusers `DDPMPipeline` / `UNet2DModel`
 folder. It becomes an ordinary training checkpoint `DIR/checkpoints/<step>/`: `params` the raw
@@ -10,9 +13,10 @@ weights, `ema_params` the EMA weights (diffusers models have one set: both), `st
 `global_step` (0 for diffusers), Adam's moments from TF's slots when every variable has them
 (otherwise a fresh optimizer state) and a fresh `rng`; `--mode=sample|eval` and resumed training
 use it as they would one of their own. `--to_diffusers=OUT` writes the EMA weights of the newest
-checkpoint (or `--config.sampling.step`) as a `DDPMPipeline` folder. Bad input (a PATH that is
-neither format, weights that do not fit the config's model, a workdir that already has a
-checkpoint, an OUT that is not empty) is one sentence on stderr, exit status 1, nothing written.
+checkpoint (or `--config.sampling.step`) as a `DDPMPipeline` folder, local or gs://. Bad input (a
+PATH that is neither format, weights that do not fit the config's model, a workdir that already
+has a checkpoint, an OUT that is not empty) is one sentence on stderr, exit status 1, nothing
+written.
 """
 import os
 from typing import Optional
@@ -22,14 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import logging
+from etils import epath
 
-from ddpm_jax import checkpointing, convert_diffusers, convert_tf, main as main_cli, train_step
-from ddpm_jax import weight_names
+from ddpm_jax import checkpointing, train_step
+from ddpm_jax.convert import diffusers, names, tf
 from ddpm_jax.errors import UserError
-
-_FROM = flags.DEFINE_string('from', '', 'TF checkpoint or diffusers folder to import.')
-_TO_DIFFUSERS = flags.DEFINE_string('to_diffusers', '', 'Folder to export a DDPMPipeline to.')
 
 
 def _check_no_checkpoint(workdir) -> None:
@@ -39,35 +41,35 @@ def _check_no_checkpoint(workdir) -> None:
                     f'(nothing was overwritten).')
 
 
-def read_weights(config, path: str) -> convert_tf.Weights:
+def read_weights(config, path: str) -> names.Weights:
   """The weights at `path` (a TF checkpoint or a diffusers folder) for the config's model."""
   if not os.path.exists(path) and not os.path.exists(path + '.index'):
     raise UserError(f'--from={path} does not exist; pass a TF checkpoint or a diffusers folder.')
-  prefix = convert_tf.checkpoint_prefix(path)
+  prefix = tf.checkpoint_prefix(path)
   if prefix is not None:
-    return convert_tf.read(prefix, config)
-  if os.path.isdir(path) and convert_diffusers.find_model(path) is not None:
-    params = convert_diffusers.read(path, config)
-    return convert_tf.Weights(params=params, ema_params=params, adam_mu=None, adam_nu=None,
+    return tf.read(prefix, config)
+  if os.path.isdir(path) and diffusers.find_model(path) is not None:
+    params = diffusers.read(path, config)
+    return names.Weights(params=params, ema_params=params, adam_mu=None, adam_nu=None,
                               step=0)
   raise UserError(f'--from={path} is neither a TF checkpoint (a directory with a `checkpoint` '
                   f'file, or a prefix with a .index file) nor a diffusers folder (model_index.json '
-                  f'or config.json with {convert_diffusers.WEIGHTS}).')
+                  f'or config.json with {diffusers.WEIGHTS}).')
 
 
-def train_state(config, weights: convert_tf.Weights) -> train_step.TrainState:
+def train_state(config, weights: names.Weights) -> train_step.TrainState:
   """The TrainState training would have at `weights.step` (Adam's counts set to it)."""
-  params = weight_names.unflatten({p: jnp.asarray(a) for p, a in weights.params.items()})
+  params = names.unflatten({p: jnp.asarray(a) for p, a in weights.params.items()})
   opt_state = train_step.make_optimizer(config).init(params)
   if weights.adam_mu is not None:
-    moments = {name: weight_names.unflatten({p: jnp.asarray(a) for p, a in flat.items()})
+    moments = {name: names.unflatten({p: jnp.asarray(a) for p, a in flat.items()})
                for name, flat in (('mu', weights.adam_mu), ('nu', weights.adam_nu))}
     opt_state = optax.tree_utils.tree_set(opt_state, **moments,
                                           count=jnp.asarray(weights.step, jnp.int32))
   rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]  # as create_train_state's
   return train_step.TrainState(
       step=jnp.asarray(weights.step, jnp.int32), params=params,
-      ema_params=weight_names.unflatten({p: jnp.asarray(a) for p, a in
+      ema_params=names.unflatten({p: jnp.asarray(a) for p, a in
                                          weights.ema_params.items()}),
       opt_state=opt_state, rng=rng)
 
@@ -89,15 +91,16 @@ def import_checkpoint(config, workdir, path: str) -> int:
 
 def export_diffusers(config, workdir, out: str) -> str:
   """Writes the EMA weights of a WORKDIR checkpoint as a DDPMPipeline folder `out`."""
-  convert_diffusers.unet_config(config)  # a UserError before reading anything
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+  diffusers.unet_config(config)  # a UserError before reading anything
+  folder = epath.Path(out)
+  if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
     raise UserError(f'--to_diffusers={out} exists and is not an empty folder; choose a new one.')
-  shapes = weight_names.param_shapes(config)
-  template = weight_names.unflatten({p: np.zeros(s, np.float32) for p, s in shapes.items()})
+  shapes = names.param_shapes(config)
+  template = names.unflatten({p: np.zeros(s, np.float32) for p, s in shapes.items()})
   step = config.sampling.step
   found, ema_params = checkpointing.restore_ema_params(workdir, template,
                                                        None if step < 0 else step)
-  convert_diffusers.write(out, config, weight_names.flatten(ema_params))
+  diffusers.write(out, config, names.flatten(ema_params))
   logging.info('Wrote the EMA weights of step %d to %s.', found, out)
   return out
 
@@ -109,16 +112,3 @@ def run(config, workdir, *, from_path: str = '', to_diffusers: str = '') -> Opti
     import_checkpoint(config, workdir, from_path)
     return None
   return export_diffusers(config, workdir, to_diffusers)
-
-
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  main_cli.start(main_cli.FLAGS.config)
-  workdir = os.path.expanduser(main_cli.FLAGS.workdir)
-  run(main_cli.FLAGS.config, workdir, from_path=os.path.expanduser(_FROM.value),
-      to_diffusers=os.path.expanduser(_TO_DIFFUSERS.value))
-
-
-if __name__ == '__main__':
-  app.run(main_cli.with_user_errors(main), flags_parser=main_cli.parse_flags)

@@ -20,8 +20,10 @@ from typing import Optional
 
 import numpy as np
 from absl import logging
+from etils import epath
 
-from ddpm_jax import diffusion as diffusion_lib, weight_names
+from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax.convert import names
 from ddpm_jax.errors import UserError
 
 WEIGHTS = 'diffusion_pytorch_model.safetensors'
@@ -60,7 +62,7 @@ def find_model(path: str) -> Optional[tuple[str, Optional[str]]]:
   return None
 
 
-def _read_json(path: str) -> dict:
+def _read_required_json(path: str) -> dict:
   try:
     with open(path, encoding='utf-8') as f:
       return json.load(f)
@@ -129,8 +131,7 @@ def check_scheduler(scheduler: dict, config) -> None:
                             'prediction_type': 'epsilon', 'clip_sample': True, **scheduler}
   ours = scheduler_config(config, check=False)
   if s.get('trained_betas') is not None:
-    betas = diffusion_lib.get_beta_schedule(d.beta_schedule, beta_start=d.beta_start,
-                                            beta_end=d.beta_end, num_timesteps=d.num_timesteps)
+    betas = diffusion_lib.betas_from_config(config)
     if len(s['trained_betas']) != len(betas) or not np.allclose(s['trained_betas'], betas,
                                                                 rtol=1e-5):
       logging.warning('The diffusers scheduler\'s trained_betas differ from the config\'s '
@@ -169,9 +170,7 @@ def scheduler_config(config, *, check: bool = True) -> dict:
          'clip_sample': bool(config.sampling.clip_denoised), 'clip_sample_range': 1.0,
          'thresholding': False}
   if d.beta_schedule not in _SCHEDULES:
-    out['trained_betas'] = diffusion_lib.get_beta_schedule(
-        d.beta_schedule, beta_start=d.beta_start, beta_end=d.beta_end,
-        num_timesteps=d.num_timesteps).tolist()
+    out['trained_betas'] = diffusion_lib.betas_from_config(config).tolist()
   return out
 
 
@@ -195,7 +194,7 @@ def unet_config(config) -> dict:
           'attn_norm_num_groups': None, 'time_embedding_dim': None}
 
 
-def diffusers_key(path: weight_names.Path, num_levels: int) -> tuple[str, str]:
+def diffusers_key(path: names.Path, num_levels: int) -> tuple[str, str]:
   """(state-dict key, layout) of a flax path; layout: conv, linear, conv1x1 or vector."""
   module, *inner, leaf = path
   match = re.fullmatch(r'(down|up)_(\d+)_(block|attn|downsample|upsample)(?:_(\d+))?', module)
@@ -210,8 +209,8 @@ def diffusers_key(path: weight_names.Path, num_levels: int) -> tuple[str, str]:
               'norm_out': 'conv_norm_out', 'mid_block_1': 'mid_block.resnets.0',
               'mid_attn_1': 'mid_block.attentions.0', 'mid_block_2': 'mid_block.resnets.1'
               }.get(module, module)
-  names = _ATTENTION if 'attn' in module else _RESNET
-  key = '.'.join([prefix, *(names.get(name, name) for name in inner),
+  renamed = _ATTENTION if 'attn' in module else _RESNET
+  key = '.'.join([prefix, *(renamed.get(name, name) for name in inner),
                   'bias' if leaf == 'bias' else 'weight'])
   if leaf != 'kernel':
     return key, 'vector'
@@ -264,10 +263,10 @@ def read(path: str, config) -> dict:
   """{flax path: float32 array} of a diffusers folder; a warning line per config difference."""
   from safetensors import SafetensorError, numpy as safetensors_numpy
   unet_dir, scheduler_path = find_model(path)
-  implied = _unet_fields(_read_json(os.path.join(unet_dir, 'config.json')), config)
+  implied = _unet_fields(_read_required_json(os.path.join(unet_dir, 'config.json')), config)
   _warn_differences(f'The diffusers model {path}', implied, config)
   if scheduler_path:
-    check_scheduler(_read_json(scheduler_path), config)
+    check_scheduler(_read_required_json(scheduler_path), config)
   weights_path = os.path.join(unet_dir, WEIGHTS)
   if not os.path.exists(weights_path):
     raise UserError(f'{unet_dir} has no {WEIGHTS}; download the safetensors weights of the model '
@@ -277,7 +276,7 @@ def read(path: str, config) -> dict:
   except (SafetensorError, OSError, TypeError) as error:
     raise UserError(f'Cannot read {weights_path} ({error}); download it again.') from error
   what = f'the diffusers model {path}'
-  expected = weight_names.param_shapes(config)
+  expected = names.param_shapes(config)
   keys, missing = {}, []
   for flax_path in expected:
     key, layout = diffusers_key(flax_path, len(config.model.ch_mult))
@@ -287,7 +286,7 @@ def read(path: str, config) -> dict:
     keys[flax_path] = key, layout
     if key not in tensors:
       missing.append((key, flax_path))
-  weight_names.check_names(what, missing, set(tensors) - {key for key, _ in keys.values()})
+  names.check_names(what, missing, set(tensors) - {key for key, _ in keys.values()})
   params = {}
   for flax_path, shape in expected.items():
     key, layout = keys[flax_path]
@@ -295,29 +294,29 @@ def read(path: str, config) -> dict:
     needed = torch_shape(layout, shape)
     if layout == 'linear' and array.ndim == 4 and array.shape[2:] == (1, 1):
       needed = needed + (1, 1)  # a 1x1 conv stored for a linear layer
-    weight_names.check_shape(what, key, flax_path, array.shape, needed,
+    names.check_shape(what, key, flax_path, array.shape, needed,
                              (shape, _flax_shape(layout, array.shape)))
     params[flax_path] = to_flax(layout, array.astype(np.float32))
   return params
 
 
 def write(out: str, config, ema_params: dict) -> str:
-  """Writes a DDPMPipeline folder of flat EMA parameters to `out`; returns `out`."""
+  """Writes a DDPMPipeline folder of flat EMA parameters to `out` (local or gs://); returns it."""
   from safetensors import numpy as safetensors_numpy
   unet = unet_config(config)
   tensors = {}
   for flax_path, array in ema_params.items():
     key, layout = diffusers_key(flax_path, len(config.model.ch_mult))
     tensors[key] = to_torch(layout, np.asarray(array, np.float32))
-  os.makedirs(os.path.join(out, 'unet'))
-  os.makedirs(os.path.join(out, 'scheduler'))
-  safetensors_numpy.save_file(tensors, os.path.join(out, 'unet', WEIGHTS),
-                              metadata={'format': 'pt'})
+  folder = epath.Path(out)
+  for sub in ('unet', 'scheduler'):
+    (folder / sub).mkdir(parents=True)
+  (folder / 'unet' / WEIGHTS).write_bytes(
+      safetensors_numpy.save(tensors, metadata={'format': 'pt'}))
   for name, content in (('model_index.json', {
       '_class_name': 'DDPMPipeline', '_diffusers_version': DIFFUSERS_VERSION,
       'scheduler': ['diffusers', 'DDPMScheduler'], 'unet': ['diffusers', 'UNet2DModel']}),
                         ('unet/config.json', unet),
                         ('scheduler/scheduler_config.json', scheduler_config(config))):
-    with open(os.path.join(out, name), 'w', encoding='utf-8') as f:
-      json.dump(content, f, indent=2, sort_keys=True)
+    (folder / name).write_text(json.dumps(content, indent=2, sort_keys=True))
   return out

