@@ -42,6 +42,7 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     packages=setuptools.find_packages(include=['ddpm_jax', 'ddpm_jax.*']),
     python_requires=PYTHON_REQUIRES,
+    license='Apache-2.0',
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.10',
