@@ -10,8 +10,8 @@ import setuptools
 PYTHON_REQUIRES = '>=3.11,<3.14'
 if not (3, 11) <= sys.version_info[:2] < (3, 14):
   sys.exit(f'ddpm_jax needs Python 3.11, 3.12 or 3.13 ({PYTHON_REQUIRES}), not '
-           f'{sys.version.split()[0]}: make a venv with one, e.g. `uv venv --python 3.11` '
-           '(docs/install.md).')
+           f'{".".join(map(str, sys.version_info[:3]))}: make a venv with one, e.g. '
+           '`uv venv --python 3.11` (docs/install.md).')
 
 # Ranges verified together on Python 3.11 (CPU); see docs/install.md.
 INSTALL_REQUIRES = [
