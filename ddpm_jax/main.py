@@ -95,6 +95,9 @@ def main(argv) -> None:
                       timeout_s=_COORDINATOR_TIMEOUT.value)
   logging.info('JAX process %d of %d, %d local and %d global devices.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+  hint = parallel.unused_accelerator_hint(jax.default_backend(), jax.config.jax_platforms or '')
+  if hint:
+    logging.warning(hint)
   workdir = _WORKDIR.value
   if '://' not in workdir:
     workdir = os.path.expanduser(workdir)  # --workdir=~/x reaches us unexpanded

@@ -1,5 +1,5 @@
-"""Installation: setup.py's Python range and extras, and the notebook's install logic
-(colabs/colab_install.py) on simulated runtimes."""
+"""Installation: setup.py's Python range and extras, the start-up hint about an unused
+accelerator, and the notebook's install logic (colabs/colab_install.py) on simulated runtimes."""
 import fnmatch
 import importlib.metadata
 import importlib.util
@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import setuptools
+
+from ddpm_jax import parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +33,10 @@ def fake_glob(*paths):
 
 def fake_which(*programs):
   return lambda name: f'/usr/bin/{name}' if name in programs else None
+
+
+def fake_find_spec(*modules):
+  return lambda name: object() if name in modules else None
 
 
 # ---------------------------------------------------------------------------------- setup.py
@@ -73,6 +79,45 @@ def test_setup_py_agrees_with_the_installed_jax_metadata():
   for extra, jax_extra in (('tpu', 'tpu'), ('cuda', 'cuda12')):
     assert setup.extras_require[extra] == [jax_requirement.replace('jax', f'jax[{jax_extra}]')]
     assert jax_extra in jax_extras  # the extra jax names today
+
+
+# ------------------------------------------------------------------ the start-up hint (main)
+
+
+@pytest.mark.parametrize('devices, programs, extra', [
+    (('/dev/accel0', '/dev/accel1'), (), 'tpu'),  # TPU v2-v4
+    (('/dev/vfio/vfio', '/dev/vfio/0'), (), 'tpu'),  # TPU v5e and later
+    ((), ('nvidia-smi',), 'cuda'),
+])
+def test_hint_names_the_extra_when_jax_runs_on_the_cpu_beside_an_accelerator(devices, programs,
+                                                                            extra):
+  hint = parallel.unused_accelerator_hint('cpu', glob_fn=fake_glob(*devices),
+                                          which=fake_which(*programs),
+                                          find_spec=fake_find_spec())
+  assert hint.startswith('JAX runs on the CPU although this host has ')
+  assert f"`pip install -e '.[{extra}]'`" in hint
+
+
+def test_no_hint_without_an_unused_accelerator():
+  def hint(backend='cpu', jax_platforms='', devices=('/dev/accel0',), programs=('nvidia-smi',)):
+    return parallel.unused_accelerator_hint(backend, jax_platforms, glob_fn=fake_glob(*devices),
+                                            which=fake_which(*programs),
+                                            find_spec=fake_find_spec())
+  assert hint(devices=(), programs=()) is None  # a CPU host
+  assert hint(devices=('/dev/vfio/vfio',), programs=()) is None  # VFIO, no device behind it
+  assert hint(backend='tpu') is None and hint(backend='gpu') is None
+  assert hint(jax_platforms='cpu') is None  # the user chose the CPU
+  assert hint(jax_platforms='cuda,cpu') is not None
+
+
+def test_hint_when_the_plugin_is_installed_but_did_not_start():
+  hint = parallel.unused_accelerator_hint('cpu', glob_fn=fake_glob('/dev/accel0'),
+                                          which=fake_which(), find_spec=fake_find_spec('libtpu'))
+  assert 'a TPU and libtpu is installed: JAX could not start it' in hint
+  hint = parallel.unused_accelerator_hint('cpu', glob_fn=fake_glob(),
+                                          which=fake_which('nvidia-smi'),
+                                          find_spec=fake_find_spec('jax_cuda12_plugin'))
+  assert 'an NVIDIA GPU and jax_cuda12_plugin is installed' in hint
 
 
 # ------------------------------------------------------------ the notebook's install logic
