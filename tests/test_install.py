@@ -4,6 +4,7 @@ import fnmatch
 import importlib.metadata
 import importlib.util
 import os
+import subprocess
 import sys
 
 import pytest
@@ -118,6 +119,22 @@ def test_hint_when_the_plugin_is_installed_but_did_not_start():
                                           which=fake_which('nvidia-smi'),
                                           find_spec=fake_find_spec('jax_cuda12_plugin'))
   assert 'an NVIDIA GPU and jax_cuda12_plugin is installed' in hint
+
+def test_main_warns_at_start_up_on_a_simulated_tpu_host(tmp_path):
+  script = ('import sys\n'
+            'from absl import app\n'
+            'from ddpm_jax import main, parallel\n'
+            'parallel.unused_accelerator_hint.__kwdefaults__.update(\n'
+            '    glob_fn=lambda pattern: ["/dev/accel0"] if "accel" in pattern else [],\n'
+            '    find_spec=lambda name: None)\n'
+            'app.run(main.with_user_errors(main.main), flags_parser=main.parse_flags)\n')
+  result = subprocess.run(
+      [sys.executable, '-c', script, '--config=configs/digits.py', f'--workdir={tmp_path}',
+       '--mode=sample'], cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS=''))  # '': JAX picks the backend
+  assert result.returncode == 1  # no checkpoint to sample from, after the start-up
+  assert ("JAX runs on the CPU although this host has a TPU: install JAX for it with "
+          "`pip install -e '.[tpu]'`") in result.stderr
 
 
 # ------------------------------------------------------------ the notebook's install logic
@@ -235,3 +252,4 @@ def test_install_runs_the_plan_and_says_when_to_restart(monkeypatch, capsys):
   def upgrading_pip(command, check):
     versions['numpy'] = '2.4.6'
   assert colab_install.install(ROOT, run=upgrading_pip)
+
