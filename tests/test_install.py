@@ -253,3 +253,31 @@ def test_install_runs_the_plan_and_says_when_to_restart(monkeypatch, capsys):
     versions['numpy'] = '2.4.6'
   assert colab_install.install(ROOT, run=upgrading_pip)
 
+
+
+def setup_cell(repo_url: str) -> str:
+  """The notebook's first code cell (clone and install), with REPO_URL set to `repo_url`."""
+  import nbformat  # pylint: disable=import-outside-toplevel
+  notebook = nbformat.read(os.path.join(ROOT, 'colabs', 'ddpm_jax.ipynb'), as_version=4)
+  source = next(cell.source for cell in notebook.cells if cell.cell_type == 'code')
+  first, rest = source.split('\n', 1)
+  assert first.startswith("REPO_URL = 'https://github.com/<you>/ddpm_jax'")
+  return f'REPO_URL = {repo_url!r}\n{rest}'
+
+
+def test_the_notebook_s_first_cell_clones_repo_url_or_asks_for_it(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # Colab's /content: no checkout
+  monkeypatch.setattr(sys, 'path', list(sys.path))
+  with pytest.raises(SystemExit, match='Set REPO_URL to the ddpm_jax repository'):
+    exec(setup_cell('https://github.com/<you>/ddpm_jax'), {})  # pylint: disable=exec-used
+  namespace = {}
+  exec(setup_cell(ROOT), namespace)  # pylint: disable=exec-used
+  assert namespace['CHECKOUT'] == ROOT and not (tmp_path / 'ddpm_jax').exists()
+  if not os.path.exists(os.path.join(ROOT, '.git')):
+    pytest.skip('not a git checkout: nothing to clone')
+  namespace = {}
+  exec(setup_cell(f'file://{ROOT}'), namespace)  # pylint: disable=exec-used
+  clone = str(tmp_path / 'ddpm_jax')
+  assert namespace['CHECKOUT'] == clone and clone in sys.path
+  assert os.path.exists(os.path.join(clone, 'colabs', 'colab_install.py'))
+  assert namespace['missing'] == []  # everything importable here: nothing to install
