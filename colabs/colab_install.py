@@ -32,7 +32,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple
 
 EXTRA = {'tpu': 'tpu', 'gpu': 'cuda'}  # runtime -> the extra of setup.py that has its JAX
 # Preinstalled distributions that may be kept, and the oldest `tensorflow` worth keeping.
