@@ -74,6 +74,9 @@ def main(argv) -> None:
                       timeout_s=_COORDINATOR_TIMEOUT.value)
   logging.info('JAX process %d of %d, %d local and %d global devices.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+  hint = parallel.unused_accelerator_hint(jax.default_backend(), jax.config.jax_platforms or '')
+  if hint:
+    logging.warning(hint)
   if not run(cli.CONFIG.value, cli.local_path(_WORKDIR.value), _MODE.value):
     sys.exit(EXIT_PREEMPTED)
 

@@ -5,7 +5,10 @@ batch is sharded over `data` and the parameters are replicated; `jax.jit` insert
 collectives. Multi-process runs start with `initialize`.
 """
 import contextlib
+import glob
+import importlib.util
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -143,6 +146,36 @@ def _exit_unless_joined_within(timeout_s: int, address: str, num_processes: int)
 def _on_tpu_pod() -> bool:
   hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
   return len([h for h in hosts.split(',') if h]) > 1
+
+
+# What each accelerator needs besides jax: the package's extra, and the modules that plugin adds.
+_ACCELERATOR_PLUGINS = {'tpu': ('libtpu',), 'cuda': ('jax_cuda12_plugin', 'jax_cuda13_plugin')}
+
+
+def unused_accelerator_hint(backend: str, jax_platforms: str = '', *, glob_fn=glob.glob,
+                            which=shutil.which, find_spec=importlib.util.find_spec
+                            ) -> str | None:
+  """One sentence when JAX computes on the CPU of a host with a TPU or an NVIDIA GPU, else None.
+
+  `backend` is jax.default_backend(), `jax_platforms` the JAX_PLATFORMS setting (JAX_PLATFORMS=cpu
+  is the user's choice: no hint). A TPU shows as /dev/accel* (v2-v4) or /dev/vfio/<group> (v5e
+  and later), an NVIDIA GPU by `nvidia-smi` on PATH. The probes are arguments, for the tests.
+  """
+  if backend != 'cpu' or {p.strip() for p in jax_platforms.split(',') if p.strip()} == {'cpu'}:
+    return None
+  if glob_fn('/dev/accel*') or glob_fn('/dev/vfio/[0-9]*'):
+    device, extra = 'a TPU', 'tpu'
+  elif which('nvidia-smi'):
+    device, extra = 'an NVIDIA GPU', 'cuda'
+  else:
+    return None
+  plugins = [name for name in _ACCELERATOR_PLUGINS[extra] if find_spec(name) is not None]
+  if plugins:
+    return (f'JAX runs on the CPU although this host has {device} and {plugins[0]} is installed: '
+            'JAX could not start it (its warning above says why; on a TPU, another process may '
+            'hold it).')
+  return (f'JAX runs on the CPU although this host has {device}: install JAX for it with '
+          f"`pip install -e '.[{extra}]'` in the ddpm_jax checkout (docs/install.md).")
 
 
 def make_mesh() -> Mesh:
