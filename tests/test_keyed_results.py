@@ -96,11 +96,11 @@ def test_eval_recomputes_bits_per_dim_after_a_change_of_T(trained_digits, workdi
   config.eval.bpd_num_images = 8
   eval_dir = epath.Path(workdir) / 'eval'
   t40 = evaluation.evaluate(config, workdir)['metrics']
-  rd40 = evaluation._read_json(eval_dir / 'rate_distortion_30.json')
+  rd40 = evaluation._read_json_or_none(eval_dir / 'rate_distortion_30.json')
   assert len(rd40['t']) == 40 and t40['num_timesteps'] == 40
   config.diffusion.num_timesteps = 20
   t20 = evaluation.evaluate(config, workdir)['metrics']
-  rd20 = evaluation._read_json(eval_dir / 'rate_distortion_30.json')
+  rd20 = evaluation._read_json_or_none(eval_dir / 'rate_distortion_30.json')
   assert len(rd20['t']) == len(rd20['rate_bpd']) == 20
   assert t20['bpd_test'] != t40['bpd_test'] and t20['bpd_train'] != t40['bpd_train']
 
@@ -109,12 +109,12 @@ def test_eval_recomputes_bits_per_dim_after_a_change_of_T(trained_digits, workdi
   config.sampling.update(sampler='ddim', num_steps=5)
   out = evaluation.evaluate(config, workdir)
   assert out['metrics_json'] == str(eval_dir / '30_ddim5.json')
-  ddim = evaluation._read_json(eval_dir / '30_ddim5.json')
+  ddim = evaluation._read_json_or_none(eval_dir / '30_ddim5.json')
   assert (ddim['sampler'], ddim['num_steps'], ddim['eta'], ddim['spacing']) == (
       'ddim', 5, 0.0, 'uniform')
   assert ddim['bpd_test'] == t20['bpd_test']
   assert (eval_dir / '30.json').read_text() == default_json
-  assert evaluation._read_json(eval_dir / '30.json')['sampler'] == 'ancestral'
+  assert evaluation._read_json_or_none(eval_dir / '30.json')['sampler'] == 'ancestral'
 
 
 def test_fid_reference_statistics_are_keyed_by_data_and_inception_weights(
