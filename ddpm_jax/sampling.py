@@ -22,6 +22,11 @@ int((i sqrt(0.8 T) / (S - 1))^2) (10 of 1000: 0, 9, 39, 88, ..., 632, 800), exce
 step is at least one past the previous one, t_i = max(rule_i, t_{i-1} + 1), so there are always S
 distinct steps where the rule repeats small ones (50 of 1000: its 0, 0, 1, 2, 5, ... becomes
 0, 1, 2, 3, 5, ...). Both start at t = 0; 'quadratic' ends near 0.8 T, as DDIM's.
+'linspace' keeps round(linspace(0, T - 1, S + 1))[1:] (DPM-Solver's and diffusers' default; 10
+of 1000: 100, 200, 300, 400, 500, 599, 699, 799, 899, 999); it repeats a step for S = T, which is
+refused. 'trailing' keeps round(arange(T, 0, -T / S)) - 1, as diffusers (10 of 1000: 99, 199, ...,
+999), its first S values: floating-point arange adds a spurious one near 0 for some S (61 of
+1000). Both start the chain at the last step, t = T - 1.
 
 The initial noise is drawn from split(rng)[0] and the noise of the step at original timestep t
 from fold_in(split(rng)[1], t) for the whole global batch, so samples depend on the seed, never
@@ -42,7 +47,7 @@ from ddpm_jax.diffusion import GaussianDiffusion, ModelFn
 from ddpm_jax.errors import UserError
 
 SAMPLERS = ('ancestral', 'ddim')
-SPACINGS = ('uniform', 'quadratic')
+SPACINGS = ('uniform', 'quadratic', 'linspace', 'trailing')
 
 
 def check_settings(num_timesteps: int, *, sampler: str, num_steps: int, eta: float,
@@ -71,8 +76,17 @@ def kept_timesteps(num_timesteps: int, num_steps: int, spacing: str = 'uniform')
   i = np.arange(steps)
   if spacing == 'uniform':
     return i * num_timesteps // steps
-  quadratic = (np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2).astype(np.int64)
-  return np.maximum.accumulate(quadratic - i) + i  # t_i = max(quadratic_i, t_{i-1} + 1)
+  if spacing == 'quadratic':
+    quadratic = (np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2).astype(np.int64)
+    return np.maximum.accumulate(quadratic - i) + i  # t_i = max(quadratic_i, t_{i-1} + 1)
+  if spacing == 'linspace':
+    kept = np.round(np.linspace(0, num_timesteps - 1, steps + 1))[1:]
+  else:  # 'trailing'
+    kept = (np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)) - 1)[:steps][::-1]
+  if np.any(np.diff(kept) <= 0):
+    raise UserError(f'sampling.spacing={spacing!r} repeats a timestep when it keeps {steps} of '
+                    f'{num_timesteps} steps; set fewer sampling.num_steps or another spacing.')
+  return kept.astype(np.int64)
 
 
 def _ddim_coefficients(alphas_cumprod_kept: np.ndarray, eta: float) -> np.ndarray:
