@@ -268,7 +268,8 @@ def test_file_names_carry_the_sampler_settings():
 @pytest.mark.parametrize('settings,message', [
     (dict(num_steps=-1), r'sampling.num_steps must be in \[0, 1000\].*got -1\.'),
     (dict(num_steps=1001), r'sampling.num_steps must be in \[0, 1000\].*got 1001\.'),
-    (dict(sampler='plms'), r"Unknown sampling.sampler 'plms'; choose one of ancestral, ddim\."),
+    (dict(sampler='plms'),
+     r"Unknown sampling.sampler 'plms'; choose one of ancestral, ddim, dpmpp_2m, dpmpp_3m\."),
     (dict(spacing='log'),
      r"Unknown sampling.spacing 'log'; choose one of uniform, quadratic, linspace, trailing\."),
     (dict(sampler='ddim', eta=-0.5), r'sampling.eta must be at least 0 .*got -0.5\.'),
