@@ -202,13 +202,13 @@ def _interpolation_step_is_in_the_chain(config) -> Optional[str]:
 
 
 def _sampler_fits_the_chain(config) -> Optional[str]:
-  """num_steps within T, eta only for DDIM, and a model whose chain can be respaced."""
+  """num_steps within T, eta only for DDIM, distinct kept steps, a chain that can be respaced."""
   s, num_timesteps = config.sampling, config.diffusion.num_timesteps
   try:
     sampling.check_settings(num_timesteps, **sampling.settings(config))
-    if s.sampler == 'ancestral' and s.num_steps not in (0, num_timesteps):
-      diffusion.respace(diffusion.from_config(config),
-                        sampling.kept_timesteps(num_timesteps, s.num_steps, s.spacing))
+    kept = sampling.kept_timesteps(num_timesteps, s.num_steps, s.spacing)
+    if s.sampler == 'ancestral' and len(kept) != num_timesteps:
+      diffusion.respace(diffusion.from_config(config), kept)
   except UserError as error:
     return str(error)
   return None

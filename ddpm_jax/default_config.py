@@ -64,10 +64,12 @@ def get_default_config() -> ml_collections.ConfigDict:
   sampling.num_samples = 256
   sampling.batch_size = 256  # global; larger runs go in chunks of this size
   sampling.clip_denoised = True
-  sampling.sampler = 'ancestral'  # the paper's chain, or 'ddim' (Song et al. 2021, Eq. 12)
+  sampling.sampler = 'ancestral'  # the paper's chain, 'ddim' (Song et al. 2021, Eq. 12),
+  # 'dpmpp_2m' or 'dpmpp_3m' (DPM-Solver++ multistep, Lu et al. 2022b; best with 'linspace')
   sampling.num_steps = 0  # kept timesteps; 0: all diffusion.num_timesteps
   sampling.eta = 0.0  # DDIM's eta: 0 deterministic, 1 the posterior variance
-  sampling.spacing = 'uniform'  # which steps are kept: 'uniform' or 'quadratic' (DDIM's two)
+  sampling.spacing = 'uniform'  # kept steps: 'uniform', 'quadratic' (DDIM's two), 'linspace' or
+  # 'trailing' (diffusers'); see sampling.py
   sampling.step = -1  # checkpoint step; -1 is the latest
   sampling.name = 'samples'
   sampling.progressive_every = 0  # >0: also write the paper's Fig. 6 (x0 predictions every N steps)

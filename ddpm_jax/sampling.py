@@ -1,4 +1,4 @@
-"""The reverse chain as one `lax.scan`: the paper's Algorithm 2, respaced chains and DDIM.
+"""The reverse chain as one `lax.scan`: Algorithm 2, respaced chains, DDIM and DPM-Solver++.
 
 The pure samplers take any `model_fn(x, t)` and trace it once; jit them (or call them inside a
 jitted function) to get one compiled loop over the kept steps, not one dispatch per step.
@@ -14,6 +14,24 @@ jitted function) to get one compiled loop over the kept steps, not one dispatch 
   so eta = 1 over all T steps is the ancestral chain with the posterior variance ('fixedsmall');
   eta = 0 is deterministic given x_T. DDIM uses only x0^, so it samples any model_mean_type and
   model_var_type (a learned variance is ignored).
+* `sampler='dpmpp_2m'` / `'dpmpp_3m'` is DPM-Solver++ (Lu et al. 2022b), multistep, order 2 / 3:
+  diffusers' `DPMSolverMultistepScheduler(algorithm_type='dpmsolver++', solver_type='midpoint',
+  lower_order_final=True, final_sigmas_type='zero')` on the same timesteps. In sampling order
+  t_0 > ... > t_{S-1} (the kept timesteps reversed), with alpha_t = sqrt(abar_t),
+  sigma_t = sqrt(1 - abar_t) and lambda_t = log(alpha_t / sigma_t): step i calls the model once
+  at t_i for m_i = x0^ (clipped with `clip_denoised`, as DDIM's); the last step returns
+  x_0 = m_{S-1}; any other goes to t' = t_{i+1} with h = lambda_t' - lambda_t, phi = expm1(-h):
+  order 1: x = (sigma_t' / sigma_t) x - alpha_t' phi m_i (DDIM with eta = 0);
+  order 2: r0 = (lambda_{t_i} - lambda_{t_{i-1}}) / h, D1 = (m_i - m_{i-1}) / r0,
+  x = (sigma_t' / sigma_t) x - alpha_t' phi m_i - 0.5 alpha_t' phi D1;
+  order 3: also r1 = (lambda_{t_{i-1}} - lambda_{t_{i-2}}) / h, D1_0 = (m_i - m_{i-1}) / r0,
+  D1_1 = (m_{i-1} - m_{i-2}) / r1, D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),
+  D2 = (D1_0 - D1_1) / (r0 + r1), x = (sigma_t' / sigma_t) x - alpha_t' phi m_i
+  + alpha_t' (phi / h + 1) D1 - alpha_t' ((phi / h + 1) / h - 0.5) D2.
+  Step i uses order min(order, i + 1) (a warm start: i counts the steps this chain has taken)
+  and at most 2 at i = S - 2 when S < 15. Each step is a linear combination of x, m_i, m_{i-1},
+  m_{i-2} whose factors are computed in float64 on the host for every step and order; the
+  scan carries x, m_{i-1}, m_{i-2} and the count of steps taken.
 
 Kept timesteps (`kept_timesteps`; 0-indexed, S = num_steps, 0 means all T): 'uniform' keeps
 floor(i T / S), i = 0 .. S-1, which is DDIM's range(0, T, T // S) when S divides T (100 of 1000:
@@ -22,6 +40,11 @@ int((i sqrt(0.8 T) / (S - 1))^2) (10 of 1000: 0, 9, 39, 88, ..., 632, 800), exce
 step is at least one past the previous one, t_i = max(rule_i, t_{i-1} + 1), so there are always S
 distinct steps where the rule repeats small ones (50 of 1000: its 0, 0, 1, 2, 5, ... becomes
 0, 1, 2, 3, 5, ...). Both start at t = 0; 'quadratic' ends near 0.8 T, as DDIM's.
+'linspace' keeps round(linspace(0, T - 1, S + 1))[1:] (DPM-Solver's and diffusers' default; 10
+of 1000: 100, 200, 300, 400, 500, 599, 699, 799, 899, 999); it repeats a step for S = T, which is
+refused. 'trailing' keeps round(arange(T, 0, -T / S)) - 1, as diffusers (10 of 1000: 99, 199, ...,
+999), its first S values: floating-point arange adds a spurious one near 0 for some S (61 of
+1000). Both start the chain at the last step, t = T - 1.
 
 The initial noise is drawn from split(rng)[0] and the noise of the step at original timestep t
 from fold_in(split(rng)[1], t) for the whole global batch, so samples depend on the seed, never
@@ -30,7 +53,7 @@ here touches files: `inference.py` loads a workdir's model and keeps its samples
 is the `--mode=sample` job.
 """
 import functools
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +64,11 @@ from ddpm_jax import diffusion as diffusion_lib, parallel, unet
 from ddpm_jax.diffusion import GaussianDiffusion, ModelFn
 from ddpm_jax.errors import UserError
 
-SAMPLERS = ('ancestral', 'ddim')
-SPACINGS = ('uniform', 'quadratic')
+DPM_SOLVER_ORDERS = {'dpmpp_2m': 2, 'dpmpp_3m': 3}
+SAMPLERS = ('ancestral', 'ddim', *DPM_SOLVER_ORDERS)
+SPACINGS = ('uniform', 'quadratic', 'linspace', 'trailing')
+# DPM-Solver++ with fewer kept steps than this takes at most order 2 at the second-to-last step.
+LOWER_ORDER_FINAL_BELOW = 15
 
 
 def check_settings(num_timesteps: int, *, sampler: str, num_steps: int, eta: float,
@@ -60,7 +86,7 @@ def check_settings(num_timesteps: int, *, sampler: str, num_steps: int, eta: flo
                     f'variance), got {eta}.')
   if eta != 0 and sampler != 'ddim':
     raise UserError(f"sampling.eta={eta} is DDIM's; set sampling.sampler='ddim' to use it, or "
-                    f"leave eta at 0 for the ancestral sampler.")
+                    f"leave eta at 0 for the {sampler} sampler.")
 
 
 def kept_timesteps(num_timesteps: int, num_steps: int, spacing: str = 'uniform') -> np.ndarray:
@@ -71,8 +97,17 @@ def kept_timesteps(num_timesteps: int, num_steps: int, spacing: str = 'uniform')
   i = np.arange(steps)
   if spacing == 'uniform':
     return i * num_timesteps // steps
-  quadratic = (np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2).astype(np.int64)
-  return np.maximum.accumulate(quadratic - i) + i  # t_i = max(quadratic_i, t_{i-1} + 1)
+  if spacing == 'quadratic':
+    quadratic = (np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2).astype(np.int64)
+    return np.maximum.accumulate(quadratic - i) + i  # t_i = max(quadratic_i, t_{i-1} + 1)
+  if spacing == 'linspace':
+    kept = np.round(np.linspace(0, num_timesteps - 1, steps + 1))[1:]
+  else:  # 'trailing'
+    kept = (np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)) - 1)[:steps][::-1]
+  if np.any(np.diff(kept) <= 0):
+    raise UserError(f'sampling.spacing={spacing!r} repeats a timestep when it keeps {steps} of '
+                    f'{num_timesteps} steps; set fewer sampling.num_steps or another spacing.')
+  return kept.astype(np.int64)
 
 
 def _ddim_coefficients(alphas_cumprod_kept: np.ndarray, eta: float) -> np.ndarray:
@@ -85,15 +120,102 @@ def _ddim_coefficients(alphas_cumprod_kept: np.ndarray, eta: float) -> np.ndarra
   return np.stack([np.sqrt(abar_prev), eps_coef, sigma]).astype(np.float32)
 
 
+class ReverseStep(NamedTuple):
+  """One reverse step of a chain, on its scan state: `update(state, i, z) -> (state, pred_x0)`.
+
+  The state is x for the ancestral and DDIM samplers, and (x, m_{i-1}, m_{i-2}, steps taken)
+  for DPM-Solver++: `start(x_T)` makes it, `finish(state)` is x. Called as `step(x, i, z)` it
+  takes step i from x alone, (x at kept[i - 1], pred_x0) (DPM-Solver++ at order 1 then).
+  """
+  update: Callable
+  start: Callable = lambda x: x
+  finish: Callable = lambda state: state
+
+  def __call__(self, x, i, z):
+    state, pred_xstart = self.update(self.start(x), i, z)
+    return self.finish(state), pred_xstart
+
+
+def _dpm_solver_coefficients(alphas_cumprod_kept: np.ndarray, order: int) -> np.ndarray:
+  """[S, 3, 4] float32: the factors of (x, m_i, m_{i-1}, m_{i-2}) at orders 1, 2, 3 (float64).
+
+  Row j is the step from kept[j] to kept[j - 1] (row 0: to x_0 = m); an order whose history
+  the chain cannot have there (j + order > S) repeats the highest order it can have. Rows are
+  in the order of the kept timesteps, increasing, so m_{i-1} was computed at kept[j + 1].
+  """
+  abar = np.asarray(alphas_cumprod_kept, np.float64)
+  num_steps = len(abar)
+  alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
+  lam = np.log(alpha) - np.log(sigma)
+  out = np.zeros((num_steps, 3, 4))
+  out[0, :, 1] = 1.  # the last step: x_0 = m_0
+  m0, m1, m2 = np.eye(3)  # the model's x0s as vectors of factors
+  for j in range(1, num_steps):
+    h = lam[j - 1] - lam[j]
+    phi = np.expm1(-h)
+    ratio, alpha_next = sigma[j - 1] / sigma[j], alpha[j - 1]
+    first = -alpha_next * phi * m0
+    factors = [first]
+    if j + 1 < num_steps:
+      r0 = (lam[j] - lam[j + 1]) / h
+      d1_0 = (m0 - m1) / r0
+      factors.append(first - 0.5 * alpha_next * phi * d1_0)
+      if j + 2 < num_steps:
+        r1 = (lam[j + 1] - lam[j + 2]) / h
+        d1_1 = (m1 - m2) / r1
+        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        factors.append(first + alpha_next * (phi / h + 1) * d1
+                       - alpha_next * ((phi / h + 1) / h - 0.5) * d2)
+    factors = factors[:order]
+    factors += factors[-1:] * (3 - len(factors))
+    out[j, :, 0] = ratio
+    out[j, :, 1:] = factors
+  return out.astype(np.float32)
+
+
+def _dpm_solver_orders(num_steps: int, order: int) -> np.ndarray:
+  """[S] int32: the highest order of each kept step, the warm start aside (see the docstring)."""
+  orders = np.full(num_steps, order, np.int32)
+  if num_steps < LOWER_ORDER_FINAL_BELOW and num_steps > 1:
+    orders[1] = min(order, 2)  # the second-to-last step of the chain
+  return orders
+
+
+def _dpm_solver_step(diffusion: GaussianDiffusion, model_fn: ModelFn, kept: np.ndarray, *,
+                     order: int, clip_denoised: bool) -> ReverseStep:
+  """DPM-Solver++ of `order` (1, 2 or 3) on the `kept` timesteps, one model call a step."""
+  coefficients = jnp.asarray(_dpm_solver_coefficients(diffusion.alphas_cumprod[kept], order))
+  max_orders = jnp.asarray(_dpm_solver_orders(len(kept), order))
+  kept_table = jnp.asarray(kept, jnp.int32)
+
+  def update(state, i, z):
+    del z  # deterministic
+    x, m_prev, m_prev2, steps_taken = state
+    t = jnp.full((x.shape[0],), kept_table[i], jnp.int32)
+    m = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised)['pred_xstart']
+    step_order = jnp.minimum(max_orders[i], steps_taken + 1)
+    c_x, c_0, c_1, c_2 = coefficients[i, step_order - 1]
+    x = c_x * x + c_0 * m + c_1 * m_prev + c_2 * m_prev2
+    return (x, m, m_prev, steps_taken + 1), m
+
+  return ReverseStep(
+      update, start=lambda x: (x, jnp.zeros_like(x), jnp.zeros_like(x), jnp.int32(0)),
+      finish=lambda state: state[0])
+
+
 def _reverse_step(diffusion: GaussianDiffusion, model_fn: ModelFn, *, clip_denoised: bool,
                   sampler: str = 'ancestral', num_steps: int = 0, eta: float = 0.,
                   spacing: str = 'uniform'):
-  """(step, kept): step(x, i, z) -> (x at kept[i - 1], pred_x0) is step i of the chain."""
+  """(step, kept): a `ReverseStep` whose step i goes from kept[i] to kept[i - 1]."""
   check_settings(diffusion.num_timesteps, sampler=sampler, num_steps=num_steps, eta=eta,
                  spacing=spacing)
   kept = kept_timesteps(diffusion.num_timesteps, num_steps, spacing)
   kept_table = jnp.asarray(kept, jnp.int32)
   batch_t = lambda x, i: jnp.full((x.shape[0],), kept_table[i], jnp.int32)
+  if sampler in DPM_SOLVER_ORDERS:
+    return _dpm_solver_step(diffusion, model_fn, kept, order=DPM_SOLVER_ORDERS[sampler],
+                            clip_denoised=clip_denoised), kept
   if sampler == 'ancestral':
     every_step = len(kept) == diffusion.num_timesteps
     chain = diffusion if every_step else diffusion_lib.respace(diffusion, kept)
@@ -102,7 +224,7 @@ def _reverse_step(diffusion: GaussianDiffusion, model_fn: ModelFn, *, clip_denoi
       t = batch_t(x, i)
       return chain.p_sample(lambda x_, _: model_fn(x_, t), x, jnp.full_like(t, i), z,
                             clip_denoised=clip_denoised)
-    return step, kept
+    return ReverseStep(step), kept
 
   coefficients = _ddim_coefficients(diffusion.alphas_cumprod[kept], eta)
 
@@ -113,10 +235,10 @@ def _reverse_step(diffusion: GaussianDiffusion, model_fn: ModelFn, *, clip_denoi
     eps = diffusion.predict_eps_from_xstart(x, t, pred_xstart)
     x0_coef, eps_coef, sigma = jnp.asarray(coefficients)[:, i]
     return x0_coef * pred_xstart + eps_coef * eps + sigma * z, pred_xstart
-  return step, kept
+  return ReverseStep(step), kept
 
 
-def _reverse_chain(step, kept: np.ndarray, x_T, noise_fn, *, start_index: int,
+def _reverse_chain(step: ReverseStep, kept: np.ndarray, x_T, noise_fn, *, start_index: int,
                    record_every: int = 0, num_timesteps: int = 0):
   """Runs chain steps i = start_index, ..., 0 with noise_fn(kept[i]); optionally keeps pred_x0.
 
@@ -127,20 +249,20 @@ def _reverse_chain(step, kept: np.ndarray, x_T, noise_fn, *, start_index: int,
   num_recorded = (num_timesteps // record_every) if record_every else 0
 
   def body(carry, i_and_t):
-    x, recorded = carry
+    state, recorded = carry
     i, t_scalar = i_and_t
-    x, pred_xstart = step(x, i, noise_fn(t_scalar))
+    state, pred_xstart = step.update(state, i, noise_fn(t_scalar))
     if num_recorded:
       mask = (t_scalar // record_every == jnp.arange(num_recorded))
-      mask = mask.reshape((1, num_recorded) + (1,) * (x.ndim - 1))
+      mask = mask.reshape((1, num_recorded) + (1,) * (x_T.ndim - 1))
       recorded = jnp.where(mask, pred_xstart[:, None], recorded)
-    return (x, recorded), None
+    return (state, recorded), None
 
   recorded = jnp.zeros((batch, num_recorded) + x_T.shape[1:], x_T.dtype)
   indices = jnp.arange(start_index, -1, -1, dtype=jnp.int32)
   timesteps = jnp.asarray(kept, jnp.int32)[::-1][len(kept) - 1 - start_index:]
-  (x_0, recorded), _ = jax.lax.scan(body, (x_T, recorded), (indices, timesteps))
-  return x_0, recorded
+  (state, recorded), _ = jax.lax.scan(body, (step.start(x_T), recorded), (indices, timesteps))
+  return step.finish(state), recorded
 
 
 def _step_noise(rng, shape, mesh: Optional[Mesh] = None):

@@ -77,8 +77,8 @@ BAD_FIELDS = [
     ('eval.inception_batch_size', 0, 'use an integer >= 1.'),
     ('model.remat', 'all', "use one of 'none', 'blocks'."),
     ('training.grad_accum_steps', 0, 'use an integer >= 1.'),
-    ('sampling.sampler', 'ddpm', "use one of 'ancestral', 'ddim'."),
-    ('sampling.spacing', 'linear', "use one of 'uniform', 'quadratic'."),
+    ('sampling.sampler', 'ddpm', "use one of 'ancestral', 'ddim', 'dpmpp_2m', 'dpmpp_3m'."),
+    ('sampling.spacing', 'linear', "use one of 'uniform', 'quadratic', 'linspace', 'trailing'."),
     ('sampling.num_steps', -1, 'or 0 for all diffusion.num_timesteps steps.'),
     ('sampling.eta', -0.5, 'use a number >= 0.'),
 ]
@@ -124,6 +124,10 @@ BAD_COMBINATIONS = [
                                      'diffusion.num_timesteps=40 (0 for no Fig. 8).'),
     ({'sampling.num_steps': 41}, 'sampling.num_steps must be in [0, 40]'),
     ({'sampling.eta': 0.5}, "sampling.eta=0.5 is DDIM's"),
+    ({'sampling.sampler': 'dpmpp_3m', 'sampling.eta': 1.0},
+     "sampling.eta=1.0 is DDIM's; set sampling.sampler='ddim' to use it, or leave eta at 0 for "
+     'the dpmpp_3m sampler.'),
+    ({'sampling.spacing': 'linspace'}, "sampling.spacing='linspace' repeats a timestep"),
     ({'sampling.num_steps': 10, 'diffusion.model_mean_type': 'xprev'},
      "model_mean_type='xprev' predicts x_{t-1} of one original step"),
     ({'data.dataset': 'folder:/x', 'eval.num_samples': 100},

@@ -62,13 +62,33 @@ def test_quadratic_spacing_is_ddims_rule_made_distinct():
   np.testing.assert_array_equal(sampling.kept_timesteps(T, T, 'quadratic'), np.arange(T))
 
 
+def test_linspace_and_trailing_spacings_are_diffusers():
+  # DPMSolverMultistepScheduler's timesteps for timestep_spacing 'linspace' and 'trailing'.
+  np.testing.assert_array_equal(sampling.kept_timesteps(T, 10, 'linspace'),
+                                [100, 200, 300, 400, 500, 599, 699, 799, 899, 999])
+  np.testing.assert_array_equal(sampling.kept_timesteps(T, 10, 'trailing'), np.arange(99, T, 100))
+  np.testing.assert_array_equal(sampling.kept_timesteps(T, 20, 'linspace'),
+                                np.round(np.linspace(0, 999, 21))[1:])
+  np.testing.assert_array_equal(sampling.kept_timesteps(T, 3, 'trailing'), [332, 666, 999])
+  # Floating-point arange(1000, 0, -1000 / 61) holds a 62nd value near 0: the first 61 are kept.
+  kept = sampling.kept_timesteps(T, 61, 'trailing')
+  assert len(kept) == 61 and kept[0] == 15 and kept[-1] == 999
+  np.testing.assert_array_equal(sampling.kept_timesteps(T, T, 'trailing'), np.arange(T))
+  with pytest.raises(UserError, match=r"^sampling.spacing='linspace' repeats a timestep when it "
+                                      r'keeps 1000 of 1000 steps; set fewer sampling.num_steps '
+                                      r'or another spacing\.$'):
+    sampling.kept_timesteps(T, 0, 'linspace')
+
+
 @pytest.mark.parametrize('spacing', sampling.SPACINGS)
 def test_every_count_keeps_that_many_distinct_steps(spacing):
-  for num_timesteps in (7, 40):
-    for steps in range(1, num_timesteps + 1):
+  for num_timesteps in (7, 40, 1000):
+    for steps in range(1, num_timesteps + (spacing != 'linspace')):
       kept = sampling.kept_timesteps(num_timesteps, steps, spacing)
-      assert len(kept) == steps and kept[0] == 0 and kept[-1] < num_timesteps
+      assert len(kept) == steps and kept[0] >= 0 and kept[-1] < num_timesteps
       assert np.all(np.diff(kept) > 0)
+      # DDIM's two start at t = 0; diffusers' two end at the last step, T - 1.
+      assert kept[0] == 0 if spacing in ('uniform', 'quadratic') else kept[-1] == num_timesteps - 1
 
 
 # === Identities ===
@@ -271,8 +291,10 @@ def test_file_names_carry_the_sampler_settings():
 @pytest.mark.parametrize('settings,message', [
     (dict(num_steps=-1), r'sampling.num_steps must be in \[0, 1000\].*got -1\.'),
     (dict(num_steps=1001), r'sampling.num_steps must be in \[0, 1000\].*got 1001\.'),
-    (dict(sampler='plms'), r"Unknown sampling.sampler 'plms'; choose one of ancestral, ddim\."),
-    (dict(spacing='log'), r"Unknown sampling.spacing 'log'; choose one of uniform, quadratic\."),
+    (dict(sampler='plms'),
+     r"Unknown sampling.sampler 'plms'; choose one of ancestral, ddim, dpmpp_2m, dpmpp_3m\."),
+    (dict(spacing='log'),
+     r"Unknown sampling.spacing 'log'; choose one of uniform, quadratic, linspace, trailing\."),
     (dict(sampler='ddim', eta=-0.5), r'sampling.eta must be at least 0 .*got -0.5\.'),
     (dict(eta=0.5), r"sampling.eta=0.5 is DDIM's; set sampling.sampler='ddim'"),
 ])
