@@ -123,11 +123,11 @@ def test_hint_when_the_plugin_is_installed_but_did_not_start():
 def test_main_warns_at_start_up_on_a_simulated_tpu_host(tmp_path):
   script = ('import sys\n'
             'from absl import app\n'
-            'from ddpm_jax import main, parallel\n'
+            'from ddpm_jax import cli, main, parallel\n'
             'parallel.unused_accelerator_hint.__kwdefaults__.update(\n'
             '    glob_fn=lambda pattern: ["/dev/accel0"] if "accel" in pattern else [],\n'
             '    find_spec=lambda name: None)\n'
-            'app.run(main.with_user_errors(main.main), flags_parser=main.parse_flags)\n')
+            'app.run(cli.with_user_errors(main.main), flags_parser=cli.parse_flags)\n')
   result = subprocess.run(
       [sys.executable, '-c', script, '--config=configs/digits.py', f'--workdir={tmp_path}',
        '--mode=sample'], cwd=ROOT, capture_output=True, text=True, timeout=300,
