@@ -8,10 +8,11 @@ import signal
 import subprocess
 import time
 
+import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import config_validation, evaluation, follower, inference as inference_lib
+from ddpm_jax import config_validation, evaluation, follower, inference as inference_lib, train
 from ddpm_jax.errors import UserError
 from tests.conftest import ROOT, checkpoint_steps, tiny_digits_config, tiny_train_command
 from tests.test_evaluation import _event_values
@@ -211,3 +212,23 @@ def test_a_trainer_and_a_follower_side_by_side(tmp_path):
   assert 'Evaluating' not in again.stderr
   assert 'Evaluated the checkpoint of the last step, 30; done.' in again.stderr
   assert {p.name: p.stat().st_mtime_ns for p in (workdir / 'eval').iterdir()} == before
+
+
+# ------------------------------------------------------------------ training.eval_every
+
+
+@pytest.mark.slow
+def test_evaluating_during_training_leaves_training_bit_for_bit_the_same(tmp_path):
+  config = tiny_digits_config(num_timesteps=20, num_train_steps=8)
+  config.training.checkpoint_every = 4
+  config.eval.bpd_num_images = 8
+  plain = train.train_and_evaluate(config, str(tmp_path / 'plain'))
+  config.training.eval_every = 4
+  evaluated = train.train_and_evaluate(config, str(tmp_path / 'evaluated'))
+  assert int(plain.step) == int(evaluated.step) == 8
+  for a, b in zip(*(jax.tree.leaves(jax.device_get(state)) for state in (plain, evaluated))):
+    np.testing.assert_array_equal(a, b)  # parameters, EMA, optimizer state, random key
+  eval_dir = tmp_path / 'evaluated' / 'eval'
+  assert _evaluated(eval_dir) == [4, 8]
+  assert sorted(_event_values(eval_dir)['bpd_test']) == [4, 8]
+  assert not (tmp_path / 'plain' / 'eval').exists()
