@@ -13,7 +13,7 @@ logs or saves, none are drawn, none are kept.
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
-from ddpm_jax import diffusion, sampling, unet
+from ddpm_jax import diffusion, evaluation, sampling, unet
 from ddpm_jax.errors import UserError
 
 class Rule(NamedTuple):
@@ -108,6 +108,7 @@ FIELDS = {
     'training.num_grid_samples': integer(1),
     'training.ema_decay': interval(0, 1),
     'training.grad_accum_steps': integer(1),
+    'training.eval_every': integer(1, zero_means='no evaluation in the training process'),
     'optim.learning_rate': positive(),
     'optim.warmup_steps': integer(0),
     'optim.grad_clip': at_least_zero(),
@@ -133,6 +134,9 @@ FIELDS = {
     'eval.inception_batch_size': integer(1),
     'eval.pt_inception_path': Rule(lambda v: isinstance(v, str),
                                    "a path or URL, or '' for the cached weights"),
+    # At least the Inception feature width: fewer images give a singular covariance.
+    'eval.fid_reference_images': integer(2048),
+    'eval.best_metric': one_of('auto', *evaluation.BEST_METRICS),
 }
 
 
@@ -173,6 +177,34 @@ def _permanent_checkpoints_are_saved(config) -> Optional[str]:
     return (f'training.keep_every={t.keep_every} must be a multiple of '
             f'training.checkpoint_every={t.checkpoint_every}: permanent checkpoints are chosen '
             f'among the saved ones (keep_every=0 keeps none).')
+  return None
+
+
+def _evaluations_are_of_saved_checkpoints(config) -> Optional[str]:
+  t = config.training
+  if t.eval_every and (not t.checkpoint_every or t.eval_every % t.checkpoint_every):
+    return (f'training.eval_every={t.eval_every} must be a multiple of '
+            f'training.checkpoint_every={t.checkpoint_every}: the evaluation reads the saved '
+            f'checkpoint (eval_every=0 evaluates none).')
+  return None
+
+
+def _best_metric_is_computed(config) -> Optional[str]:
+  """eval.best_metric names a metric that this config's evaluation computes."""
+  name, e, d = config.eval.best_metric, config.eval, config.data
+  needs = {'confidence': ('data.dataset=digits', d.dataset == 'digits'),
+           'bpd': ('eval.bpd_num_images > 0', e.bpd_num_images > 0),
+           'fid': ('eval.num_samples > 0 and RGB data',
+                   d.dataset != 'digits' and e.num_samples > 0),
+           'test': ("a held-out split (data.eval_split other than 'train')",
+                    d.eval_split != 'train')}
+  kinds = {'confidence': ['confidence'], 'bpd_train': ['bpd'], 'bpd_test': ['bpd', 'test'],
+           'fid_train': ['fid'], 'kid': ['fid'], 'is': ['fid'], 'fid_test': ['fid', 'test']}
+  for kind in kinds.get(name, []):
+    what, holds = needs[kind]
+    if not holds:
+      return (f'eval.best_metric={name!r} is not computed by this config: it needs {what}; '
+              f'choose another or auto.')
   return None
 
 
@@ -222,7 +254,8 @@ def _fid_has_rgb_images(config) -> Optional[str]:
 
 
 COMBINATIONS = (_image_size_fits_the_unet, _groups_divide_the_channels,
-                _attention_resolutions_exist, _permanent_checkpoints_are_saved, _betas_increase,
+                _attention_resolutions_exist, _permanent_checkpoints_are_saved,
+                _evaluations_are_of_saved_checkpoints, _best_metric_is_computed, _betas_increase,
                 _diffusion_can_be_built, _interpolation_step_is_in_the_chain,
                 _sampler_fits_the_chain, _fid_has_rgb_images)
 

@@ -51,6 +51,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   training.num_grid_samples = 64
   training.ema_decay = 0.9999
   training.grad_accum_steps = 1  # microbatches per device per update (the same update)
+  training.eval_every = 0  # >0: evaluate every such saved step in the training process (as
+  # --mode=eval, on its mesh; a multiple of checkpoint_every); 0: never (see --follow)
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4
@@ -83,6 +85,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   evaluation.num_samples = 50_000  # samples for FID/IS/KID; 0 disables
   evaluation.inception_batch_size = 200
   evaluation.pt_inception_path = ''  # optional: pytorch-fid weights, for the Inception Score
+  evaluation.fid_reference_images = 50_000  # FID's reference: at most this many images of a split
+  # (a fixed random subset of a larger one); part of the statistics' cache key
+  evaluation.best_metric = 'auto'  # eval/best<tag>.json ranks checkpoints by it: fid_train,
+  # fid_test, kid, is, bpd_test, bpd_train or confidence (digits); auto: confidence for digits,
+  # else fid_train (the bits/dim of the first split without FID samples)
   return config
 
 
@@ -101,7 +108,7 @@ def get_256_config() -> ml_collections.ConfigDict:
   config.optim.learning_rate = 2e-5
   config.sampling.num_samples = 128
   config.sampling.batch_size = 64
-  config.eval.num_samples = 10_000
+  config.eval.num_samples = 50_000  # the paper's protocol (the configs' docstrings: the time)
   config.eval.bpd_num_images = 256
   config.eval.bpd_batch_size = 64
   return config

@@ -9,19 +9,31 @@
   real digits, class shares, distance to the nearest training image).
 
 Results go to WORKDIR/eval/<step>.json (<step>_ddim50.json and so on for another sampler; they
-record the sampler settings) and WORKDIR/eval/rate_distortion_<step>.{json,png}. Bits/dim is the
-full T-step bound whatever the sampler. What is cached (bits/dim progress, samples, FID reference
-statistics) stores or is keyed by the settings it depends on and is recomputed when they change.
+record the sampler settings) and WORKDIR/eval/rate_distortion_<step>.{json,png}; the scalars and
+a grid of the samples to a TensorBoard run in WORKDIR/eval/ (the sampler tag in their names, e.g.
+`fid_train/ddim50`), and the best evaluated checkpoint by `eval.best_metric` to
+WORKDIR/eval/best<tag>.json. Bits/dim is the full T-step bound whatever the sampler. What is
+cached (bits/dim progress, samples, FID reference statistics and KID reference features) stores
+or is keyed by the settings it depends on and is recomputed when they change.
+
+The FID reference statistics are streamed: each process runs the Inception network over its
+shard of at most `eval.fid_reference_images` images of a split (a fixed random subset of a larger
+split), batch by batch, into float64 sums of the features and of their outer products, summed
+over processes. Samples are featurised chunk by chunk from their file. `follower.py` runs
+`evaluate` on each new checkpoint of a training run (--mode=eval --follow).
 """
 import hashlib
 import json
+import os
 import time
 import zipfile
+from typing import Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from clu import metric_writers
 from etils import epath
 
 from ddpm_jax import fid, images, inference as inference_lib, input_pipeline, parallel, sampling
@@ -34,6 +46,24 @@ def _write_json(path: epath.Path, data: dict) -> None:
   tmp = path.parent / (path.name + '.tmp')
   tmp.write_text(json.dumps(data, indent=1))
   tmp.replace(path)
+
+
+def _write_npz(path: epath.Path, **arrays) -> None:
+  """Atomically, through a temporary name of this process's own: processes whose caches are
+  one shared directory may write the same file at once."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f'{path.name}.tmp{jax.process_index()}_{os.getpid()}'
+  with tmp.open('wb') as f:
+    np.savez(f, **arrays)
+  tmp.replace(path)
+
+
+def _on_every_process(flag: bool) -> bool:
+  """Whether `flag` holds on every process (each may see its own local files)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.all(multihost_utils.process_allgather(np.array([flag]))))
 
 
 def _read_json_or_none(path: epath.Path):
@@ -54,12 +84,28 @@ def _splits(config) -> tuple[str, ...]:
 
 # === Bits/dim ===
 
+_BPD_FNS: dict = {}  # (model and diffusion settings, devices) -> the jitted function
+
+
 def _bpd_fn(inference: inference_lib.Inference):
-  """Jitted (params, images, mask, rng) -> masked sums over the batch of the bound's parts."""
+  """Jitted (params, images, mask, rng) -> masked sums over the batch of the bound's parts.
+
+  One function per model, diffusion and mesh, so the T-step scan is compiled once for both
+  splits and for every checkpoint that the follower or `training.eval_every` evaluates.
+  """
+  settings = {k: v for k, v in inference.model_settings().items() if k != 'step'}
+  key = (inference_lib.fingerprint(settings), tuple(inference.mesh.devices.flat))
+  if key not in _BPD_FNS:
+    _BPD_FNS[key] = _new_bpd_fn(inference.model, inference.diffusion)
+  return _BPD_FNS[key]
+
+
+def _new_bpd_fn(model, diffusion):
+  """(Keeps the model and diffusion only: no checkpoint's parameters stay alive with it.)"""
   @jax.jit
   def fn(params, x, mask, rng):
-    out = inference.diffusion.calc_bpd_loop(inference.model_fn(params), x, rng,
-                                            clip_denoised=True)
+    model_fn = lambda x_t, t: model.apply({'params': params}, x_t, t, train=False)
+    out = diffusion.calc_bpd_loop(model_fn, x, rng, clip_denoised=True)
     w = mask.astype(jnp.float32)
     return dict(count=w.sum(), total_bpd=w @ out['total_bpd'], prior_bpd=w @ out['prior_bpd'],
                 terms_bpd=w @ out['terms_bpd'], mse=w @ out['mse'])
@@ -148,8 +194,13 @@ def plot_rate_distortion(rd: dict, path: epath.Path) -> str:
 
 # === Sample quality ===
 
+KID_REFERENCE_IMAGES = 10_000  # the first ones of the reference set (in each process's share)
+_FID_CHUNK_BATCHES = 4  # samples are read and featurised this many Inception batches at a time
+
+
 def _real_images(config, split: str, num_images=None) -> np.ndarray:
-  """uint8 [N, H, W, C] images of a split, all processes' shards gathered."""
+  """uint8 [N, H, W, C] images of a split, all processes' shards gathered (small splits only:
+  the digits check; FID streams its reference images)."""
   mesh = parallel.make_mesh()
   batch_size = 250 * mesh.size
   out = []
@@ -161,124 +212,371 @@ def _real_images(config, split: str, num_images=None) -> np.ndarray:
   return np.concatenate(out)
 
 
+def _reference_batches(config, split: str, *, num_images: int,
+                       batch_size: int) -> Iterator[np.ndarray]:
+  """This process's share of the FID reference images of `split` as uint8 [<= batch_size, H, W,
+  C]: the first `num_images`, or when the split is larger a random subset of that many fixed by
+  `seeds.FID_REFERENCE_SUBSET`. Nothing is gathered: host memory holds a batch or two."""
+  for batch in input_pipeline.create_eval_iterator(
+      config, split, batch_size=batch_size * jax.process_count(), num_images=num_images,
+      subset_seed=seeds.FID_REFERENCE_SUBSET):
+    real = images.to_uint8(batch['image'][batch['mask']])
+    if len(real):
+      yield real
+
+
+_DIGEST: list = []  # [(params, digest)] of the last parameters hashed
+
+
 def _params_digest(params) -> str:
   """A short hash of a parameter tree's values: which Inception weights computed a statistic."""
+  if _DIGEST and _DIGEST[0][0] is params:
+    return _DIGEST[0][1]
   digest = hashlib.sha256()
   for leaf in jax.tree.leaves(params):
     digest.update(np.ascontiguousarray(leaf).tobytes())
-  return digest.hexdigest()[:16]
+  _DIGEST[:] = [(params, digest.hexdigest()[:16])]
+  return _DIGEST[0][1]
 
 
-def _reference_statistics(config, split: str, inception_params, batch_size: int):
-  """(mu, sigma) of the Inception pool3 features of a split, computed once and cached.
+def _read_cached(path: epath.Path, key: str, names: tuple[str, ...]) -> Optional[dict]:
+  """The arrays `names` of a cache file written for `key`; None if absent, stale or damaged."""
+  if not path.exists():
+    return None
+  try:
+    with path.open('rb') as f, np.load(f) as npz:
+      if str(npz['key']) == key:
+        return {name: npz[name] for name in names}
+    logging.info('Rebuilding %s, cached for other settings.', path)
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    logging.warning('Rebuilding the damaged %s (%s).', path, e)
+  return None
 
-  The cache file is keyed by the dataset, split, image size, data_dir and the Inception weights.
+
+def reference_statistics(config, split: str, inception_params, *, batch_size: int,
+                         kid_images: int = 0) -> dict:
+  """The FID reference of a split: {'mu', 'sigma', 'num_images'} and with `kid_images`,
+  'kid_features' (float32 [<= kid_images, D]), each computed once and cached.
+
+  The reference set is min(eval.fid_reference_images, the split's size) images (see
+  `_reference_batches`). Each process runs the network over its share, batch by batch, into
+  `fid.FeatureMoments`; the moments are summed over processes. The KID features are the first
+  kid_images / process_count of each process's share, gathered. The cache files, in
+  `fid.weights.cache_dir()/fid_stats/`, are keyed by the dataset, split, image size, data_dir,
+  the Inception weights and the reference count and cap, which their names also carry.
   """
   d = config.data
-  key = inference_lib.fingerprint({'dataset': d.dataset, 'split': split, 'size': d.image_size,
-                                   'data_dir': d.data_dir,
-                                   'inception': _params_digest(inception_params)})
-  name = f'{d.dataset}_{split}_{d.image_size}_{hashlib.sha256(key.encode()).hexdigest()[:12]}'
-  file_name = name.replace('/', '_').replace(':', '_') + '.npz'
-  path = epath.Path(fid.weights.cache_dir()) / 'fid_stats' / file_name
-  if path.exists():
-    try:
-      with path.open('rb') as f:
-        stats = np.load(f)
-        if str(stats['key']) == key:
-          return stats['mu'], stats['sigma']
-      logging.info('Rebuilding the reference statistics %s, cached for other settings.', path)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-      logging.warning('Rebuilding the damaged reference statistics %s (%s).', path, e)
-  features = fid.inception_pool3(_real_images(config, split), batch_size=batch_size,
-                                 params=inception_params)
-  mu, sigma = fid.feature_statistics(features)
-  if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open('wb') as f:
-      np.savez(f, mu=mu, sigma=sigma, key=np.array(key))
-  return mu, sigma
+  cap = config.eval.fid_reference_images
+  num_images = min(cap, input_pipeline.num_examples(config, split))
+  key = inference_lib.fingerprint({
+      'dataset': d.dataset, 'split': split, 'size': d.image_size, 'data_dir': d.data_dir,
+      'inception': _params_digest(inception_params), 'num_images': num_images,
+      'fid_reference_images': cap, 'subset_seed': seeds.FID_REFERENCE_SUBSET})
+  name = (f'{d.dataset}_{split}_{d.image_size}_n{num_images}_cap{cap}_'
+          f'{hashlib.sha256(key.encode()).hexdigest()[:12]}').replace('/', '_').replace(':', '_')
+  directory = epath.Path(fid.weights.cache_dir()) / 'fid_stats'
+  stats_path, kid_path = directory / f'{name}.npz', directory / f'{name}_kid{kid_images}.npz'
+  stats = _read_cached(stats_path, key, ('mu', 'sigma'))
+  kid = _read_cached(kid_path, key, ('features',)) if kid_images else None
+  need_stats = not _on_every_process(stats is not None)
+  need_kid = bool(kid_images) and not _on_every_process(kid is not None)
+  if need_stats or need_kid:
+    moments, kid_rows = _stream_reference(config, split, inception_params,
+                                          num_images=num_images, batch_size=batch_size,
+                                          kid_per_process=-(-kid_images // jax.process_count()),
+                                          moments=need_stats)
+    if need_stats:
+      mu, sigma = moments.summed_over_processes().statistics()
+      stats = {'mu': mu, 'sigma': sigma}
+      _write_npz(stats_path, **stats, key=np.array(key), num_images=num_images)
+    if need_kid:
+      kid = {'features': fid.gather_rows(kid_rows)[:kid_images]}
+      _write_npz(kid_path, features=kid['features'], key=np.array(key))
+  else:
+    logging.info('FID reference of %s: %d images, read from the cache %s.', split, num_images,
+                 stats_path)
+  out = {**stats, 'num_images': num_images}
+  if kid_images:
+    out['kid_features'] = kid['features']
+  return out
 
 
-def fid_metrics(config, samples: np.ndarray) -> dict:
+def _stream_reference(config, split: str, inception_params, *, num_images: int,
+                      batch_size: int, kid_per_process: int, moments: bool):
+  """(this process's FeatureMoments or None, its first `kid_per_process` features)."""
+  accumulated = fid.FeatureMoments() if moments else None
+  kid_rows, num_kid, seen = [], 0, 0
+  share = -(-num_images // jax.process_count())
+  start, last_log = time.time(), time.time()
+  for real in _reference_batches(config, split, num_images=num_images, batch_size=batch_size):
+    if not moments and num_kid >= kid_per_process:
+      break  # only the KID features were missing: stop once they are in
+    features = fid.inception_features(real, batch_size=batch_size,
+                                      params=inception_params)['pool3']
+    if accumulated is not None:
+      accumulated.add(features)
+    if num_kid < kid_per_process:
+      kid_rows.append(features[:kid_per_process - num_kid])
+      num_kid += len(kid_rows[-1])
+    seen += len(real)
+    if time.time() - last_log > 60:
+      last_log = time.time()
+      rate = seen / (last_log - start)
+      logging.info('FID reference of %s: %d/%d images of this process, %.0f images/s, ETA %.0f '
+                   's.', split, seen, share, rate, (share - seen) / rate)
+  logging.info('FID reference of %s: %d images of this process in %.0f s (%s).', split, seen,
+               time.time() - start, 'statistics and KID features' if moments else
+               'KID features')
+  width = accumulated.total.shape[0] if accumulated and accumulated.total is not None else 0
+  kid_rows = np.concatenate(kid_rows) if kid_rows else np.zeros((0, width), np.float32)
+  return accumulated, kid_rows
+
+
+def _sample_chunks(samples, rows: int) -> Iterator[np.ndarray]:
+  """uint8 samples `rows` at a time: from an array, or from a `generate` .npz file."""
+  if isinstance(samples, np.ndarray):
+    for start in range(0, len(samples), rows):
+      yield samples[start:start + rows]
+  else:
+    yield from inference_lib.iter_samples(samples, rows)
+
+
+def fid_metrics(config, samples) -> dict:
   """FID against the train and test sets (train only without a held-out split), KID against
-  train, IS when the logits exist."""
+  train, IS when the logits exist. `samples`: uint8 [N, H, W, 3], or the path of a `generate`
+  file, read and featurised chunk by chunk."""
   if config.data.channels != 3:
     raise UserError(f'FID needs RGB images, but {config.data.dataset} has '
                     f'{config.data.channels} channel(s); set --config.eval.num_samples=0.')
   params, has_logits = fid.weights.load_inception_params(config.eval.pt_inception_path)
   batch_size = config.eval.inception_batch_size
-  feats = fid.inception_features(samples, batch_size=batch_size, params=params)
-  mu, sigma = fid.feature_statistics(feats['pool3'])
-  out = {'num_samples': int(len(samples))}
+  moments, kid_rows, logits, count = fid.FeatureMoments(), [], [], 0
+  start = time.time()
+  for chunk in _sample_chunks(samples, batch_size * _FID_CHUNK_BATCHES):
+    feats = fid.inception_features(chunk, batch_size=batch_size, params=params)
+    moments.add(feats['pool3'])
+    if count < KID_REFERENCE_IMAGES:
+      kid_rows.append(feats['pool3'][:KID_REFERENCE_IMAGES - count])
+    if has_logits:
+      logits.append(feats['logits'])
+    count += len(chunk)
+  logging.info('Inception features of %d samples in %.0f s.', count, time.time() - start)
+  mu, sigma = moments.statistics()
+  out = {'num_samples': count}
   for split in reversed(_splits(config)):
-    ref_mu, ref_sigma = _reference_statistics(config, split, params, batch_size)
-    out[f'fid_{split}'] = float(fid.frechet_distance(mu, sigma, ref_mu, ref_sigma))
-  num_kid = min(len(samples), 10_000)
-  train_feats = fid.inception_pool3(_real_images(config, 'train', num_kid),
-                                    batch_size=batch_size, params=params)
-  out['kid'], out['kid_std'] = map(float, fid.kernel_inception_distance(
-      feats['pool3'][:num_kid], train_feats))
+    reference = reference_statistics(config, split, params, batch_size=batch_size,
+                                     kid_images=KID_REFERENCE_IMAGES if split == 'train' else 0)
+    out[f'fid_{split}'] = float(fid.frechet_distance(mu, sigma, reference['mu'],
+                                                     reference['sigma']))
+    out[f'fid_{split}_reference_images'] = reference['num_images']
+    if split == 'train':
+      out['kid'], out['kid_std'] = map(float, fid.kernel_inception_distance(
+          np.concatenate(kid_rows), reference['kid_features']))
   if has_logits:
-    out['is'], out['is_std'] = map(float, fid.inception_score(feats['logits']))
+    out['is'], out['is_std'] = map(float, fid.inception_score(np.concatenate(logits)))
   else:
     logging.warning('No Inception Score: %s.', fid.weights.LOGITS_MISSING)
     out['is_missing'] = fid.weights.LOGITS_MISSING
   return out
 
 
+_DIGITS_REFERENCE: dict = {}  # data settings -> (train, test, test labels, fitted classifier)
+
+
+def _digits_reference(config):
+  """The real digits and a classifier fitted on them, once per data settings (the follower
+  evaluates many checkpoints)."""
+  d = config.data
+  key = (d.dataset, d.data_dir, d.image_size, d.channels, d.eval_split)
+  if key not in _DIGITS_REFERENCE:
+    from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+    from sklearn.neural_network import MLPClassifier  # pylint: disable=import-outside-toplevel
+    train, test = _real_images(config, 'train'), _real_images(config, 'test')
+    digits = load_digits()
+    # Labels come from scikit-learn's own copy, matched image by image.
+    lookup = {np.round(img * 255 / 16).astype(np.uint8).tobytes(): y
+              for img, y in zip(digits.images, digits.target)}
+    train_labels, test_labels = (np.array([lookup[im[..., 0].tobytes()] for im in x])
+                                 for x in (train, test))
+    classifier = MLPClassifier(hidden_layer_sizes=(128,), max_iter=500, random_state=0)
+    classifier.fit(_flat(train), train_labels)
+    _DIGITS_REFERENCE.clear()
+    _DIGITS_REFERENCE[key] = (train, test, test_labels, classifier)
+  return _DIGITS_REFERENCE[key]
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+  return x.reshape(len(x), -1).astype(np.float32) / 255.
+
+
 def digits_metrics(config, samples: np.ndarray) -> dict:
   """A digit classifier trained on real digits looks at the samples.
 
   `confidence` (mean top-class probability) should be close to `real_confidence` on held-out
-  digits, `class_shares` near 0.1 each, and `nn_distance` (mean L2 distance, in [0, 1] pixels,
-  to the nearest training image) near `real_nn_distance` of held-out digits: copies of
-  training images would have 0.
+  digits, `class_shares` near 0.1 each (`class_share_spread`, the largest minus the smallest,
+  near 0), and `nn_distance` (mean L2 distance, in [0, 1] pixels, to the nearest training
+  image) near `real_nn_distance` of held-out digits: copies of training images would have 0.
   """
-  from sklearn.neural_network import MLPClassifier
-  from sklearn.datasets import load_digits
-  train, test = _real_images(config, 'train'), _real_images(config, 'test')
-  flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.
-  digits = load_digits()
-  # Labels come from scikit-learn's own copy, matched image by image.
-  lookup = {np.round(img * 255 / 16).astype(np.uint8).tobytes(): y
-            for img, y in zip(digits.images, digits.target)}
-  labels = lambda x: np.array([lookup[im[..., 0].tobytes()] for im in x])
-  classifier = MLPClassifier(hidden_layer_sizes=(128,), max_iter=500, random_state=0)
-  classifier.fit(flat(train), labels(train))
-  real_probs = classifier.predict_proba(flat(test))
-  probs = classifier.predict_proba(flat(samples))
+  train, test, test_labels, classifier = _digits_reference(config)
+  real_probs = classifier.predict_proba(_flat(test))
+  probs = classifier.predict_proba(_flat(samples))
   shares = np.bincount(probs.argmax(1), minlength=10) / len(samples)
-  nearest = lambda x: np.sqrt(((flat(x)[:, None] - flat(train)[None]) ** 2).mean(-1)).min(1)
+
+  def nearest(x):
+    return np.sqrt(((_flat(x)[:, None] - _flat(train)[None]) ** 2).mean(-1)).min(1)
+
+  sample_distances = nearest(samples)
   return {
       'num_samples': int(len(samples)),
-      'classifier_test_accuracy': float((real_probs.argmax(1) == labels(test)).mean()),
+      'classifier_test_accuracy': float((real_probs.argmax(1) == test_labels).mean()),
       'confidence': float(probs.max(1).mean()),
       'real_confidence': float(real_probs.max(1).mean()),
       'class_shares': shares.round(4).tolist(),
-      'nn_distance': float(nearest(samples).mean()),
+      'class_share_spread': float(shares.max() - shares.min()),
+      'nn_distance': float(sample_distances.mean()),
       'real_nn_distance': float(nearest(test).mean()),
-      'copies': int((nearest(samples) < 1e-3).sum()),
+      'copies': int((sample_distances < 1e-3).sum()),
   }
+
+
+# === TensorBoard and the best checkpoint ===
+
+# The metrics `eval.best_metric` can name, and whether higher is better.
+BEST_METRICS = {'fid_train': False, 'fid_test': False, 'kid': False, 'is': True,
+                'bpd_test': False, 'bpd_train': False, 'confidence': True}
+_SAMPLE_METRICS = ('fid_train', 'fid_test', 'is', 'kid', 'sample_seconds', 'confidence',
+                   'class_share_spread', 'nn_distance')
+_GRID_SAMPLES = 64
+
+
+def best_metric(config) -> str:
+  """`eval.best_metric`, with 'auto' resolved: the digits confidence for digits, fid_train for
+  RGB data with FID samples, else the bits/dim of the first split; '' when none is computed."""
+  e = config.eval
+  if e.best_metric != 'auto':
+    return e.best_metric
+  if config.data.dataset == 'digits':
+    return 'confidence'
+  if e.num_samples > 0:
+    return 'fid_train'
+  return f'bpd_{_splits(config)[0]}' if e.bpd_num_images > 0 else ''
+
+
+def summary_scalars(metrics: dict, tag: str) -> dict[str, float]:
+  """The TensorBoard scalars of an evaluation: bits/dim as they are (the bound is the same for
+  every sampler), the others with the sampler tag (`fid_train/ddim50`) unless it is ''."""
+  flat = {**metrics, **metrics.get('digits', {})}
+  suffix = '/' + tag.lstrip('_') if tag else ''
+  scalars = {name: flat[name] for name in ('bpd_test', 'bpd_train') if name in flat}
+  scalars.update({name + suffix: flat[name] for name in _SAMPLE_METRICS if name in flat})
+  return {name: float(value) for name, value in scalars.items()}
+
+
+def create_writer(workdir) -> metric_writers.MetricWriter:
+  """The TensorBoard run WORKDIR/eval (process 0 writes; the others write nothing)."""
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.SummaryWriter(str(epath.Path(workdir) / 'eval'))
+
+
+def _sample_grid(samples: np.ndarray, image_size: int) -> np.ndarray:
+  """A square grid of samples, small images enlarged (8x8 digits would be specks)."""
+  grid = images.image_grid(samples[:_GRID_SAMPLES])
+  scale = max(1, 64 // image_size)
+  return np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+
+
+def _is_better(value: float, than: float, higher_is_better: bool) -> bool:
+  if not np.isfinite(than):
+    return True
+  return bool(np.isfinite(value) and (value > than if higher_is_better else value < than))
+
+
+def update_best(config, workdir, metrics: dict, metrics_json: str) -> Optional[dict]:
+  """Makes WORKDIR/eval/best<tag>.json name the best evaluated checkpoint by eval.best_metric;
+  returns what it holds (None without such a metric). A best file of other settings (another
+  seed, counts or T) is replaced: its numbers do not compare."""
+  name = best_metric(config)
+  value = summary_scalars(metrics, '').get(name)
+  if value is None:
+    if name:
+      logging.warning('No %s in the metrics of step %d, so %s is not updated.', name,
+                      metrics['step'], 'best.json')
+    return None
+  path = epath.Path(workdir) / 'eval' / f'best{sampling.settings_tag(config)}.json'
+  settings = {k: v for k, v in _settings(config, 0).items() if k != 'step'}
+  current = _read_json_or_none(path)
+  higher = BEST_METRICS[name]
+  if (current is None or current.get('settings') != settings or current.get('metric') != name
+      or current.get('step') == metrics['step']
+      or _is_better(value, current.get('value', float('nan')), higher)):
+    current = {'metric': name, 'higher_is_better': higher, 'value': value,
+               'step': metrics['step'], 'metrics_json': metrics_json, 'settings': settings,
+               'metrics': metrics}
+    if jax.process_index() == 0:
+      _write_json(path, current)
+    logging.info('Best checkpoint by %s: step %d (%.6g), in %s.', name, metrics['step'], value,
+                 path)
+  return current
 
 
 # === The job ===
 
-def evaluate(config, workdir, *, mesh=None, inference=None) -> dict:
-  """--mode=eval: writes WORKDIR/eval/<step><sampler tag>.json and the rate-distortion files.
+def _settings(config, step: int) -> dict:
+  """What an evaluation's results depend on besides the checkpoint's weights: recorded in its
+  JSON, and compared by `is_evaluated`."""
+  e = config.eval
+  num_samples = (config.sampling.num_samples if config.data.dataset == 'digits'
+                 else e.num_samples)
+  return {'step': step, **sampling.settings(config), 'seed': config.seed,
+          'num_timesteps': config.diffusion.num_timesteps,
+          'clip_denoised': config.sampling.clip_denoised, 'num_samples': num_samples,
+          'bpd_num_images': e.bpd_num_images, 'fid_reference_images': e.fid_reference_images}
+
+
+def metrics_path(config, workdir, step: int) -> epath.Path:
+  return epath.Path(workdir) / 'eval' / f'{step}{sampling.settings_tag(config)}.json'
+
+
+def is_evaluated(config, workdir, step: int) -> bool:
+  """Whether WORKDIR/eval holds the finished evaluation of `step` with these settings."""
+  path = metrics_path(config, workdir, step)
+  metrics = _read_json_or_none(path) if path.exists() else None
+  return (metrics is not None and 'eval_seconds' in metrics
+          and all(metrics.get(k) == v for k, v in _settings(config, step).items()))
+
+
+def check_can_evaluate(config, mesh) -> None:
+  """UserError now for what would stop a later evaluation (the trainer's eval_every, the
+  follower): a bits/dim batch the devices do not divide, FID without the Inception weights."""
+  if config.eval.bpd_num_images > 0:
+    parallel.check_divisible(config.eval.bpd_batch_size, mesh, 'eval.bpd_batch_size')
+  if config.data.dataset != 'digits' and config.eval.num_samples > 0:
+    fid.weights.load_inception_params(config.eval.pt_inception_path)
+
+
+def evaluate(config, workdir, *, mesh=None, inference=None, step: Optional[int] = None,
+             writer: Optional[metric_writers.MetricWriter] = None) -> dict:
+  """--mode=eval: writes WORKDIR/eval/<step><sampler tag>.json and the rate-distortion files,
+  TensorBoard scalars and a sample grid in WORKDIR/eval, and updates WORKDIR/eval/best<tag>.json.
 
   The metrics JSON is <step>.json for the paper's sampler (ancestral, all T steps) and, for
   example, <step>_ddim50.json for another (`sampling.settings_tag`); it records the sampler
   settings and the checkpoint step. Bits/dim and rate-distortion do not depend on the sampler.
-  `inference`: the checkpoint already restored (--mode=all shares the sample job's).
+  `inference`: the checkpoint already restored (--mode=all and the follower pass theirs);
+  otherwise `step` (default config.sampling.step) is restored. `writer`: the TensorBoard writer
+  (default: one for this evaluation).
   """
   e = config.eval
-  inference = inference or inference_lib.Inference(config, workdir, step=config.sampling.step,
-                                                    mesh=mesh)
+  if inference is None:
+    step = config.sampling.step if step is None else step
+    inference = inference_lib.Inference(config, workdir, step=step, mesh=mesh)
   step = inference.step
+  tag = sampling.settings_tag(config)
   eval_dir = epath.Path(workdir) / 'eval'
-  metrics = {'step': step, **sampling.settings(config), 'seed': config.seed,
-             'num_timesteps': config.diffusion.num_timesteps}
+  logging.info('Evaluating the EMA weights of step %d on %d devices (%s).', step,
+               inference.mesh.size, sampling.settings(config))
+  metrics = _settings(config, step)
   out = {}
   start = time.time()
   splits = _splits(config)
@@ -299,6 +597,7 @@ def evaluate(config, workdir, *, mesh=None, inference=None) -> dict:
               rd, eval_dir / f'rate_distortion_{step}.png')
     logging.info('bits/dim: %s.', ', '.join(f'{split} {metrics[f"bpd_{split}"]:.4f}'
                                             for split in splits))
+  grid = None
   if config.data.dataset == 'digits':
     sample_start = time.time()
     npz = inference_lib.generate(inference, workdir,
@@ -307,7 +606,9 @@ def evaluate(config, workdir, *, mesh=None, inference=None) -> dict:
                                  batch_size=config.sampling.batch_size,
                                  seed=config.seed + seeds.SAMPLES_OFFSET)
     metrics['sample_seconds'] = time.time() - sample_start
-    metrics['digits'] = digits_metrics(config, inference_lib.read_samples(npz))
+    samples = inference_lib.read_samples(npz)
+    metrics['digits'] = digits_metrics(config, samples)
+    grid = _sample_grid(samples, config.data.image_size)
   elif e.num_samples > 0:
     sample_start = time.time()
     npz = inference_lib.generate(inference, workdir, name=inference.samples_name('fid'),
@@ -315,13 +616,31 @@ def evaluate(config, workdir, *, mesh=None, inference=None) -> dict:
                                  batch_size=config.sampling.batch_size,
                                  seed=config.seed + seeds.FID_SAMPLES_OFFSET)
     metrics['sample_seconds'] = time.time() - sample_start
-    metrics.update(fid_metrics(config, inference_lib.read_samples(npz)))
+    metrics.update(fid_metrics(config, npz))
+    grid = _sample_grid(next(inference_lib.iter_samples(npz, _GRID_SAMPLES)),
+                        config.data.image_size)
   metrics['eval_seconds'] = time.time() - start
-  metrics_json = eval_dir / f'{step}{sampling.settings_tag(config)}.json'
+  metrics_json = metrics_path(config, workdir, step)
   out['metrics_json'] = str(metrics_json)
   if jax.process_index() == 0:
     _write_json(metrics_json, metrics)
+  _write_summaries(writer, workdir, step, summary_scalars(metrics, tag), grid, tag)
+  best = update_best(config, workdir, metrics, str(metrics_json))
   logging.info('Eval of step %d: %s', step, json.dumps(metrics))
   for key, path in out.items():
     logging.info('Wrote %s: %s', key, path)
-  return {**out, 'metrics': metrics}
+  return {**out, 'metrics': metrics, 'best': best}
+
+
+def _write_summaries(writer, workdir, step: int, scalars: dict, grid, tag: str) -> None:
+  own = writer is None
+  writer = writer or create_writer(workdir)
+  try:
+    writer.write_scalars(step, scalars)
+    if grid is not None:
+      writer.write_images(step, {'samples' + ('/' + tag.lstrip('_') if tag else ''):
+                                 grid[None]})
+    writer.flush()
+  finally:
+    if own:
+      writer.close()

@@ -9,7 +9,7 @@ import io
 import json
 import time
 import zipfile
-from typing import Optional
+from typing import Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -158,7 +158,71 @@ def generate(inference: Inference, workdir, *, name: str, num_samples: int, batc
     logging.info('%s: chunk %d/%d (%d samples) done, %.1f s elapsed.', name, i + 1, num_chunks,
                  n, time.time() - start)
   if jax.process_index() == 0:
-    write_npz(final, samples=np.concatenate([read_samples(p) for p in chunk_paths]),
-              settings=np.array(settings))
+    _write_samples_from_chunks(final, chunk_paths, settings,
+                               (num_samples,) + inference.image_shape)
     chunk_dir.rmtree()
   return final
+
+
+class _WriteOnly:
+  """A file seen by `zipfile` as a stream (no seek, no tell): how gs:// files can be written."""
+
+  def __init__(self, f):
+    self._file = f
+
+  def write(self, data) -> int:
+    self._file.write(data)  # tf.io.gfile's returns None
+    return len(data)
+
+  def flush(self) -> None:
+    self._file.flush()
+
+
+def _write_samples_from_chunks(path: epath.Path, chunk_paths, settings: str,
+                               shape: tuple[int, ...]) -> None:
+  """The .npz of `np.savez(samples=the chunks concatenated [*shape], settings=...)`, written
+  atomically one chunk at a time: no host holds all the samples (50,000 at 256x256: 9.8 GB)."""
+  tmp = path.parent / (path.name + '.tmp')
+  with tmp.open('wb') as f, zipfile.ZipFile(_WriteOnly(f), 'w') as archive:
+    with archive.open('samples.npy', 'w', force_zip64=True) as member:
+      np.lib.format.write_array_header_2_0(
+          member, {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                   'fortran_order': False, 'shape': shape})
+      written = 0
+      for p in chunk_paths:
+        chunk = read_samples(p)
+        if chunk.shape[1:] != shape[1:]:
+          raise UserError(f'{p} holds samples {chunk.shape[1:]}, not {shape[1:]}; delete it '
+                          f'and sample again.')
+        member.write(np.ascontiguousarray(chunk, np.uint8).tobytes())
+        written += len(chunk)
+      if written != shape[0]:
+        raise UserError(f'The chunks in {chunk_paths[0].parent} hold {written} samples, not '
+                        f'{shape[0]}; delete them and sample again.')
+    with archive.open('settings.npy', 'w') as member:
+      np.lib.format.write_array(member, np.array(settings))
+  tmp.replace(path)
+
+
+def iter_samples(path, rows: int) -> Iterator[np.ndarray]:
+  """The uint8 samples of an .npz written by `generate`, `rows` at a time (never all at once)."""
+  path = epath.Path(path)
+  try:
+    with path.open('rb') as f, zipfile.ZipFile(f) as archive:
+      with archive.open('samples.npy') as member:
+        version = np.lib.format.read_magic(member)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran_order, dtype = read_header(member)
+        if fortran_order or dtype != np.uint8 or len(shape) != 4:
+          raise ValueError(f'samples are {dtype} {shape}, not uint8 [N, H, W, C]')
+        row_bytes = int(np.prod(shape[1:]))
+        for start in range(0, shape[0], rows):
+          n = min(rows, shape[0] - start)
+          data = member.read(n * row_bytes)
+          if len(data) != n * row_bytes:
+            raise EOFError(f'{path} ends after {start} samples')
+          yield np.frombuffer(data, np.uint8).reshape((n,) + tuple(shape[1:]))
+  except (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as e:
+    raise UserError(f'The samples file {path} is damaged or truncated ({type(e).__name__}: '
+                    f'{e}); delete it and sample again.') from e

@@ -51,16 +51,20 @@ def create_train_iterator(config, *, start_step: int = 0) -> Iterator[dict]:
 
 
 def create_eval_iterator(config, split: str, *, batch_size: int,
-                         num_images: int | None = None) -> Iterator[dict]:
+                         num_images: int | None = None,
+                         subset_seed: int | None = None) -> Iterator[dict]:
   """One deterministic pass over the first `num_images` images (all if None) of `split`.
 
   `split` is 'train' or 'test' (config.data.eval_split names the test split). Unshuffled, no
   flips, this process's shard. Yields {'image': float32 [b_local, H, W, C] in [-1, 1],
   'mask': bool [b_local]}, b_local = batch_size // jax.process_count(); every process yields
   the same number of batches, all of size b_local, and `mask` is False on the padding.
+  With `subset_seed`, the `num_images` are a random subset of the split fixed by that seed
+  (in the split's order) instead of its first images; streamed sources then read, without
+  decoding, the whole split to pick them out.
   """
   ds = _eval_dataset(config, split, batch_size, num_images,
-                     jax.process_index(), jax.process_count())
+                     jax.process_index(), jax.process_count(), subset_seed)
   return datasets.naming_undecodable_images(config, ds.as_numpy_iterator())
 
 
@@ -105,17 +109,27 @@ def _train_dataset(config, start_step: int, process_index: int,
 
 
 def _eval_dataset(config, split: str, batch_size: int, num_images: int | None,
-                  process_index: int, process_count: int) -> tf.data.Dataset:
-  """One pass over the first num_images images of `split`, this process's shard, padded."""
+                  process_index: int, process_count: int,
+                  subset_seed: int | None = None) -> tf.data.Dataset:
+  """One pass over the first num_images images of `split` (or a random subset of that many
+  when `subset_seed` is given), this process's shard, padded."""
   batch = _local_batch_size(batch_size, process_count, 'batch_size')
   source = datasets.source(config, split)
   total = source.size if num_images is None else max(0, min(num_images, source.size))
+  subset = None
+  if subset_seed is not None and total < source.size:
+    subset = np.sort(np.random.default_rng(subset_seed).choice(source.size, total,
+                                                               replace=False))
   # Every process yields the same number of full batches (collectives need that).
   per_process = -(-total // process_count)
+  if subset is not None and not isinstance(source, datasets.IndexedSource):
+    ranges = [_shard_range(source.size, p, process_count) for p in range(process_count)]
+    per_process = max(np.count_nonzero((subset >= b) & (subset < e)) for b, e in ranges)
   padded = -(-per_process // batch) * batch
 
   if isinstance(source, datasets.IndexedSource):
-    shard = _shard_indices(total, process_index, process_count)
+    shard = (_shard_indices(total, process_index, process_count) if subset is None
+             else subset[process_index::process_count])
     indices = np.zeros(padded, np.int64)
     indices[:len(shard)] = shard
     mask = np.arange(padded) < len(shard)
@@ -125,9 +139,19 @@ def _eval_dataset(config, split: str, batch_size: int, num_images: int | None,
     size, channels = config.data.image_size, config.data.channels
     padding = tf.data.Dataset.from_tensors((tf.zeros([size, size, channels], tf.uint8), False))
     ds = padding.repeat()
-    begin, end = _shard_range(total, process_index, process_count)
+    if subset is None:
+      begin, end = _shard_range(total, process_index, process_count)
+      keep = None
+    else:  # this process reads its range of the whole split and keeps the chosen images
+      begin, end = _shard_range(source.size, process_index, process_count)
+      keep = np.zeros(end - begin, bool)
+      keep[subset[(subset >= begin) & (subset < end)] - begin] = True
     if end > begin:
-      images = source.read(f'{source.split}[{begin}:{end}]').map(source.decode, _AUTOTUNE)
+      encoded = source.read(f'{source.split}[{begin}:{end}]')
+      if keep is not None:
+        keep = tf.constant(keep)
+        encoded = encoded.enumerate().filter(lambda i, _: keep[i]).map(lambda _, x: x)
+      images = encoded.map(source.decode, _AUTOTUNE)
       ds = images.map(lambda x: (x, True)).concatenate(ds)
     ds = ds.take(padded).batch(batch)
 

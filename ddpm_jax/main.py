@@ -4,6 +4,9 @@
       [--config.training.batch_size=256 ...]
       [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]  # multi-process off TPU
       [--coordinator_timeout=300]  # seconds to wait for every process to join, then exit 1
+  python -m ddpm_jax.main --config=... --workdir=DIR --mode=eval --follow \
+      [--follow_poll=60 --follow_timeout=21600]  # evaluate each new checkpoint (follower.py;
+      # SIGTERM or Ctrl-C stop it with status 75, as training: rerunning continues)
 
 Exit statuses: 0 done; 1 a mistake the user can fix (a UserError, a config that does not load or
 validate: its one-line message alone on stderr); 75 (EX_TEMPFAIL) training stopped early by
@@ -24,8 +27,8 @@ import jax
 import tensorflow as tf
 from absl import app, flags, logging
 
-from ddpm_jax import cli, evaluation, inference as inference_lib, parallel, sample_job, train
-from ddpm_jax import xla_flags
+from ddpm_jax import cli, evaluation, follower, inference as inference_lib, parallel, sample_job
+from ddpm_jax import train, xla_flags
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: try again (the launch scripts' retry loop)
 
@@ -39,6 +42,13 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'With --coordinator_address
 _COORDINATOR_TIMEOUT = flags.DEFINE_integer(
     'coordinator_timeout', 300, 'Seconds to wait for every process to join (multi-process '
     'runs); then exit with status 1 and a sentence saying what to check.')
+_FOLLOW = flags.DEFINE_bool('follow', False, 'With --mode=eval: evaluate each new checkpoint as '
+                            'training writes it, until the last step (ddpm_jax/follower.py).')
+_FOLLOW_POLL = flags.DEFINE_integer('follow_poll', follower.DEFAULT_POLL_S,
+                                    'With --follow: seconds between looks for a new checkpoint.')
+_FOLLOW_TIMEOUT = flags.DEFINE_integer(
+    'follow_timeout', follower.DEFAULT_TIMEOUT_S,
+    'With --follow: stop (status 0) after this many seconds without a new checkpoint.')
 flags.adopt_module_key_flags(cli)  # --config in --help
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -69,6 +79,9 @@ def main(argv) -> None:
   cli.no_arguments(argv)
   xla_flags.apply()  # before JAX starts its backend
   cli.start(cli.CONFIG.value)
+  if _FOLLOW.value:
+    follower.check_flags(cli.CONFIG.value, mode=_MODE.value, poll_s=_FOLLOW_POLL.value,
+                         timeout_s=_FOLLOW_TIMEOUT.value)
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only; JAX owns accelerators
   parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                       timeout_s=_COORDINATOR_TIMEOUT.value)
@@ -77,7 +90,13 @@ def main(argv) -> None:
   hint = parallel.unused_accelerator_hint(jax.default_backend(), jax.config.jax_platforms or '')
   if hint:
     logging.warning(hint)
-  if not run(cli.CONFIG.value, cli.local_path(_WORKDIR.value), _MODE.value):
+  workdir = cli.local_path(_WORKDIR.value)
+  if _FOLLOW.value:
+    done = follower.follow(cli.CONFIG.value, workdir, poll_s=_FOLLOW_POLL.value,
+                           timeout_s=_FOLLOW_TIMEOUT.value)
+  else:
+    done = run(cli.CONFIG.value, workdir, _MODE.value)
+  if not done:
     sys.exit(EXIT_PREEMPTED)
 
 

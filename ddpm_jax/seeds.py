@@ -14,6 +14,9 @@ FIGURES = 1 << 20  # --mode=sample's Fig. 6 and Fig. 8
 SAMPLES_OFFSET = 0  # the samples of --mode=sample and of the digits evaluation
 FID_SAMPLES_OFFSET = 1  # the FID/IS/KID samples: not the ones shown
 BENCHMARK_SAMPLER = 2  # the benchmark's reverse-chain noise
+# The random eval.fid_reference_images of a larger split (numpy's generator): one fixed subset,
+# not config.seed's, so that FIDs of runs with different seeds are against the same images.
+FID_REFERENCE_SUBSET = 0
 
 
 def key(seed: int, stream: int) -> jax.Array:

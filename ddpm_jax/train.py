@@ -1,8 +1,9 @@
 """The training loop (the paper's Algorithm 1 over many steps), around `train_step.py`'s step.
 
 `train_and_evaluate` is the loop of the Flax imagenet example: restore or initialise, step, log,
-sample, checkpoint, stop cleanly on preemption or divergence. The train state and the pure,
-jitted train step live in `train_step.py`.
+sample, checkpoint, stop cleanly on preemption or divergence, and with `training.eval_every`
+evaluate saved checkpoints in between (`evaluation.evaluate`, as --mode=eval does). The train
+state and the pure, jitted train step live in `train_step.py`.
 """
 import contextlib
 import functools
@@ -21,8 +22,8 @@ from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpointing, config_validation, images, input_pipeline, parallel, sampling
-from ddpm_jax import seeds, workdir_lock
+from ddpm_jax import checkpointing, config_validation, evaluation, follower, images
+from ddpm_jax import input_pipeline, parallel, sampling, seeds, workdir_lock
 from ddpm_jax.errors import UserError
 from ddpm_jax.train_step import TrainState, create_train_state, jit_train_step
 
@@ -90,6 +91,8 @@ def train_and_evaluate(config, workdir, *, mesh: Optional[Mesh] = None,
   config_validation.validate(config)
   mesh = mesh or parallel.make_mesh()
   parallel.check_divisible(config.training.batch_size, mesh)
+  if config.training.eval_every:
+    evaluation.check_can_evaluate(config, mesh)
   with workdir_lock.hold(workdir):  # checks that the workdir can be written first
     manager = checkpointing.create_manager(workdir, config.training)
     input_pipeline.num_examples(config, 'train')  # then the data (cached), before the model
@@ -102,7 +105,7 @@ def train_and_evaluate(config, workdir, *, mesh: Optional[Mesh] = None,
                      config.training.num_train_steps, checkpointing.checkpoint_dir(workdir),
                      workdir)
         return _train_loop(config, state, mesh, manager, writer, preempted,
-                           create_train_iterator(config, start_step=int(state.step)))
+                           create_train_iterator(config, start_step=int(state.step)), workdir)
     finally:
       manager.wait_until_finished()
       manager.close()
@@ -181,10 +184,42 @@ def _compile_on_every_process(config, mesh: Mesh, state: TrainState, grid_rng):
   return train_step_fn, sample_grid_fn
 
 
-def _train_loop(config, state, mesh, manager, writer, preempted, train_iter) -> TrainState:
+def _evaluate_saved_step(config, workdir, mesh: Mesh, manager, step: int) -> str:
+  """training.eval_every: evaluates the checkpoint of `step` as --mode=eval would (the same
+  function, on this mesh; nothing of the train state changes). Returns '' when done, else the
+  name of the signal (SIGTERM, SIGINT) that stopped it: the checkpoint is saved, and the rerun
+  that resumes from it evaluates it again, continuing the bits/dim and sample files."""
+  manager.wait_until_finished()  # the evaluation reads the checkpoint written asynchronously
+  try:
+    with follower.stopping_on_signals():
+      evaluation.evaluate(config, workdir, mesh=mesh, step=step)
+  except follower.Stopped as stop:
+    return stop.signal_name
+  # Hosts finish their own work (the digits classifier) at different times; CPU (gloo)
+  # collectives would give up at the next step if they were far apart.
+  ocp.multihost.get_barrier_sync_fn()(key=f'ddpm_jax_evaluated_{step}', timeout_ms=3_600_000)
+  return ''
+
+
+def _evaluation_pending(config, workdir, step: int) -> bool:
+  """Whether `step` is an eval_every step whose evaluation a stopped run did not finish."""
+  every = config.training.eval_every
+  return bool(step and _every(step, every) and not parallel.agree_with_process_0(
+      np.array([evaluation.is_evaluated(config, workdir, step)]))[0])
+
+
+def _train_loop(config, state, mesh, manager, writer, preempted, train_iter,
+                workdir) -> TrainState:
   """Steps to num_train_steps; logs every log_every steps, saves every checkpoint_every (either
-  0: only at the last step), stops early when `preempted(step)` names a signal."""
+  0: only at the last step), evaluates every eval_every, stops early when `preempted(step)` names
+  a signal."""
   tc = config.training
+  if _evaluation_pending(config, workdir, int(state.step)):
+    signal_name = _evaluate_saved_step(config, workdir, mesh, manager, int(state.step))
+    if signal_name:
+      logging.warning('Stopped by %s while evaluating step %d; rerun the same command to '
+                      'resume.', signal_name, int(state.step))
+      return state
   grid_rng = _replicate_host_values(  # the same x_T every time
       mesh, seeds.key(config.seed, seeds.TRAINING_GRID))
   p_train_step, sample_grid = _compile_on_every_process(config, mesh, state, grid_rng)
@@ -210,6 +245,8 @@ def _train_loop(config, state, mesh, manager, writer, preempted, train_iter) -> 
       last_good_step = step
       if not tc.log_every:
         history = []  # checked; no log step will need them
+      if not signal_name and _every(step, tc.eval_every):
+        signal_name = _evaluate_saved_step(config, workdir, mesh, manager, step)
     if signal_name:
       logging.warning('Stopped by %s: saved the checkpoint at step %d; rerun the same command '
                       'to resume.', signal_name, step)

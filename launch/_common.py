@@ -59,6 +59,14 @@ def nonnegative_int(text: str) -> int:
   return value
 
 
+def positive_int(text: str) -> int:
+  """An argparse type: an integer >= 1."""
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{text} is not at least 1')
+  return value
+
+
 def info(message: str) -> None:
   """Progress for the user (real runs only): stderr, so stdout stays for commands."""
   print(f'[launch] {message}', file=sys.stderr, flush=True)
@@ -159,6 +167,14 @@ def train_argv(python: str, config: str, workdir: str, mode: str,
           f'--mode={mode}', *extra]
 
 
+def follow_argv(python: str, config: str, workdir: str, poll_s: int, timeout_s: int,
+                extra: Sequence[str]) -> List[str]:
+  """The follower: `ddpm_jax.main --mode=eval --follow`, evaluating each new checkpoint."""
+  return train_argv(python, config, workdir, 'eval',
+                    ['--follow', f'--follow_poll={poll_s}', f'--follow_timeout={timeout_s}',
+                     *extra])
+
+
 def retry_loop(train_command: str, status_file: str, max_restarts: int,
                restart_delay_s: int) -> str:
   """A bash loop that reruns `train_command` until it exits 0, or 1 (a mistake to fix).
@@ -204,12 +220,24 @@ def start_detached(cd: str, loop: str, log_dir: str, log_file: str, pid_file: st
           f'echo $! > {pid_file}')
 
 
-def add_job_flags(parser: argparse.ArgumentParser, default_config: str) -> None:
-  """Flags that every script passes to `ddpm_jax.main`."""
+def add_job_flags(parser: argparse.ArgumentParser, default_config: str,
+                  mode: bool = True) -> None:
+  """Flags that every script passes to `ddpm_jax.main` (--mode unless `mode` is False)."""
   parser.add_argument('--config', default=default_config,
                       help='config file, relative to the repository (default: %(default)s)')
-  parser.add_argument('--mode', default='train', choices=('train', 'sample', 'eval', 'all'),
-                      help='ddpm_jax.main --mode (default: %(default)s)')
+  if mode:
+    parser.add_argument('--mode', default='train', choices=('train', 'sample', 'eval', 'all'),
+                        help='ddpm_jax.main --mode (default: %(default)s)')
+
+
+def add_follow_flags(parser: argparse.ArgumentParser) -> None:
+  """The follower's: how often it looks for a checkpoint, how long it waits for one."""
+  parser.add_argument('--follow-poll', type=positive_int, default=60, metavar='SECONDS',
+                      help='seconds between looks for a new checkpoint (default: %(default)s)')
+  parser.add_argument('--follow-timeout', type=nonnegative_int, default=6 * 3600,
+                      metavar='SECONDS',
+                      help='stop after this long without a new checkpoint (default: '
+                           '%(default)s, 6 h); it also stops after the last training step')
 
 
 def add_retry_flags(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,10 @@
   launch/tpu_vm.py stop --zone=europe-west4-a       # stop the job on every worker
   launch/tpu_vm.py delete --zone=europe-west4-a     # delete the TPU VM
 
+  # The evaluation follower on a second TPU VM (ddpm-eval), beside the trainer:
+  launch/tpu_vm.py follow --zone=europe-west4-a --workdir=gs://BUCKET/cifar10
+  launch/tpu_vm.py logs --zone=europe-west4-a --name=ddpm-eval --job=follow
+
 `up` runs, with `gcloud compute tpus` (see them all with --dry-run):
   1. `tpu-vm create` (reusing the VM if it exists and is READY), or with --queued,
      `queued-resources create` and a wait until the queued resource is ACTIVE;
@@ -25,6 +29,11 @@ gone (with --queued: the queued resource SUSPENDED or FAILED) it deletes it and 
 again, and the job resumes from the workdir, which must then be on gs://. It returns when the job
 has finished (or given up); Ctrl-C stops the watching, not the training.
 
+`follow` does steps 1-3 for the follower (`python -m ddpm_jax.main --mode=eval --follow`, log
+~/ddpm_jax_logs/follow.log) on a VM of its own (--name, default ddpm-eval; v3-8 by default): it
+evaluates each checkpoint the trainer writes to --workdir, which must be gs:// so both VMs see it,
+and stops after the last one (docs/evaluation.md). It takes the same options as `up`.
+
 A pod slice (more than one host) needs --workdir=gs://...: every worker must see the same
 workdir. Project and zone come from --project/--zone, else from `gcloud config`. Everything
 after `--` goes to ddpm_jax.main unchanged.
@@ -40,16 +49,17 @@ import tempfile
 import time
 from typing import List, Optional, Tuple
 
-from _common import (ROOT, CommandFailed, Parser, Runner, add_dry_run_flag, add_job_flags,
-                     add_retry_flags, config_path, fail, guarded, have, info, nonnegative_int,
-                     query, render, retry_loop, split_passthrough, start_detached, stop_job,
-                     train_argv)
+from _common import (ROOT, CommandFailed, Parser, Runner, add_dry_run_flag, add_follow_flags,
+                     add_job_flags, add_retry_flags, config_path, fail, follow_argv, guarded,
+                     have, info, nonnegative_int, query, render, retry_loop, split_passthrough,
+                     start_detached, stop_job, train_argv)
 
 REMOTE_DIR = '~/ddpm_jax'  # the code and its .venv on every worker
 REMOTE_LOG_DIR = '~/ddpm_jax_logs'
 REMOTE_LOG = f'{REMOTE_LOG_DIR}/train.log'
 REMOTE_PID = f'{REMOTE_LOG_DIR}/train.pid'
 REMOTE_STATUS = f'{REMOTE_LOG_DIR}/train.status'  # `done` or `failed` once the loop ends
+JOBS = ('train', 'follow')  # `up` runs the trainer, `follow` the evaluation follower
 TARBALL = 'ddpm_jax-src.tar.gz'
 TAR_EXCLUDES = ('.git', '.venv', '__pycache__', '*.egg-info', '.pytest_cache', 'build',
                 'workdir*')
@@ -132,8 +142,13 @@ def describe_queue_command(args) -> List[str]:
   return tpus(args, 'queued-resources', 'describe', args.name) + ['--format=value(state.state)']
 
 
+def remote_file(job: str, kind: str) -> str:
+  """~/ddpm_jax_logs/<job>.<kind>: the log, pid or status file of job 'train' or 'follow'."""
+  return f'{REMOTE_LOG_DIR}/{job}.{kind}'
+
+
 def job_status_command(args) -> List[str]:
-  return ssh(args, f'cat {REMOTE_STATUS} 2>/dev/null || true', worker='0')
+  return ssh(args, f'cat {remote_file(args.job, "status")} 2>/dev/null || true', worker='0')
 
 
 def install_command(args) -> str:
@@ -153,11 +168,17 @@ def install_command(args) -> str:
 
 
 def start_command(args) -> str:
-  """Stops a previous job, then starts the train command in its retry loop, detached."""
-  train = shlex.join(train_argv('.venv/bin/python', args.config, args.workdir, args.mode,
-                                args.extra))
-  loop = retry_loop(train, REMOTE_STATUS, args.max_restarts, args.restart_delay)
-  return start_detached(REMOTE_DIR, loop, REMOTE_LOG_DIR, REMOTE_LOG, REMOTE_PID)
+  """Stops a previous job, then starts the train (or follow) command in its retry loop,
+  detached."""
+  if args.job == 'follow':
+    job = follow_argv('.venv/bin/python', args.config, args.workdir, args.follow_poll,
+                      args.follow_timeout, args.extra)
+  else:
+    job = train_argv('.venv/bin/python', args.config, args.workdir, args.mode, args.extra)
+  loop = retry_loop(shlex.join(job), remote_file(args.job, 'status'), args.max_restarts,
+                    args.restart_delay)
+  return start_detached(REMOTE_DIR, loop, REMOTE_LOG_DIR, remote_file(args.job, 'log'),
+                        remote_file(args.job, 'pid'))
 
 
 # ------------------------------------------------------------------------------------ states
@@ -265,10 +286,13 @@ def up(args, run: Runner) -> int:
       run.note(f'`{render(describe)}`; when it is {gone} (or gone): '
                f'`{render(delete_command(args, args.queued))}`, then the commands above again')
     return 0
-  where = f'--name={args.name} --zone={args.zone} --project={args.project}'
-  info(f'training started on {args.hosts} host(s); follow it with '
+  where = f'--name={args.name} --zone={args.zone} --project={args.project} --job={args.job}'
+  info(f'{_WHAT[args.job]} started on {args.hosts} host(s); follow it with '
        f'`launch/tpu_vm.py logs {where}`')
   return watch(args, run) if args.watch else 0
+
+
+_WHAT = {'train': 'training', 'follow': 'the evaluation follower'}
 
 
 def watch(args, run: Runner) -> int:
@@ -280,12 +304,12 @@ def watch(args, run: Runner) -> int:
     if summary == 'READY':
       _, status = query(job_status_command(args))
       if status == 'done':
-        info('training finished')
+        info(f'{_WHAT[args.job]} finished')
         return 0
       if status == 'failed':
-        raise CommandFailed(f'training stopped on a mistake or gave up after '
+        raise CommandFailed(f'{_WHAT[args.job]} stopped on a mistake or gave up after '
                             f'{args.max_restarts} restarts: see '
-                            f'`launch/tpu_vm.py logs --name={args.name}`.')
+                            f'`launch/tpu_vm.py logs --name={args.name} --job={args.job}`.')
     elif summary == 'GONE':
       info(f'{detail}: recreating {args.name} and restarting the job')
       run(delete_command(args, args.queued), check=False)
@@ -296,12 +320,14 @@ def watch(args, run: Runner) -> int:
 
 
 def logs(args, run: Runner) -> int:
-  run(ssh(args, f'tail -n 200 -F {REMOTE_LOG}', worker=args.worker), check=False)
+  run(ssh(args, f'tail -n 200 -F {remote_file(args.job, "log")}', worker=args.worker),
+      check=False)
   return 0
 
 
 def stop(args, run: Runner) -> int:
-  run(ssh(args, stop_job(REMOTE_PID)))
+  """Stops whichever job runs there, the trainer or the follower."""
+  run(ssh(args, '; '.join(stop_job(remote_file(job, 'pid')) for job in JOBS)))
   return 0
 
 
@@ -313,12 +339,48 @@ def delete(args, run: Runner) -> int:
 # -------------------------------------------------------------------------------------- CLI
 
 
+def _add_node_flags(parser: argparse.ArgumentParser, job: str) -> None:
+  """The options of `up` (job 'train') and of `follow` (the same, for the follower)."""
+  parser.set_defaults(job=job)
+  parser.add_argument('--accelerator-type', default='v3-8',
+                      help=f'one of {VALID_TYPES} (default: %(default)s)')
+  parser.add_argument('--version', help='TPU VM runtime image (default: '
+                      'tpu-ubuntu2204-base up to v4, v2-alpha-tpuv5-lite for v5litepod, '
+                      'v2-alpha-tpuv5 for v5p, v2-alpha-tpuv6e for v6e)')
+  preemption = parser.add_mutually_exclusive_group()
+  preemption.add_argument('--spot', action='store_true', help='a Spot VM (implies --watch)')
+  preemption.add_argument('--preemptible', action='store_true',
+                          help='a preemptible VM (implies --watch; not with --queued)')
+  parser.add_argument('--queued', action='store_true',
+                      help='request the VM as a queued resource and wait until it is ACTIVE')
+  parser.add_argument('--workdir', required=True,
+                      help='gs://BUCKET/PATH (required for pods, --watch and follow); a plain '
+                           'path is on the VM, relative to ~/ddpm_jax')
+  add_job_flags(parser, 'configs/cifar10.py', mode=job == 'train')
+  if job == 'follow':
+    add_follow_flags(parser)
+  parser.add_argument('--git-url', help='git clone this on the workers instead of copying '
+                                        'this checkout')
+  parser.add_argument('--git-ref', default='origin/HEAD',
+                      help='with --git-url: what to check out (default: %(default)s)')
+  parser.add_argument('--python', default='3.11',
+                      help='Python version of the venv on the workers (default: %(default)s)')
+  parser.add_argument('--skip-install', action='store_true',
+                      help='only (re)start the job on an installed VM')
+  add_retry_flags(parser)
+  parser.add_argument('--watch', action=argparse.BooleanOptionalAction, default=None,
+                      help='stay and recreate the VM when it is preempted (default: with '
+                           '--spot or --preemptible)')
+  parser.add_argument('--poll-seconds', type=nonnegative_int, default=300,
+                      help='with --watch: time between checks (default: %(default)s)')
+
+
 def build_parser() -> Parser:
   parser = Parser(prog='tpu_vm.py', description=__doc__)
   commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
   shared = argparse.ArgumentParser(add_help=False)
-  shared.add_argument('--name', default='ddpm', help='TPU VM name, also the queued resource id '
-                                                     '(default: %(default)s)')
+  shared.add_argument('--name', help='TPU VM name, also the queued resource id (default: ddpm; '
+                                     'ddpm-eval for follow and logs --job=follow)')
   shared.add_argument('--zone', help='default: `gcloud config get-value compute/zone`')
   shared.add_argument('--project', help='default: `gcloud config get-value project`')
   add_dry_run_flag(shared)
@@ -326,41 +388,21 @@ def build_parser() -> Parser:
   up_parser = commands.add_parser(
       'up', parents=[shared], help='create or reuse the TPU VM, install, start training',
       description=__doc__, usage='%(prog)s [options] [-- ddpm_jax.main flags]')
-  up_parser.add_argument('--accelerator-type', default='v3-8',
-                         help=f'one of {VALID_TYPES} (default: %(default)s)')
-  up_parser.add_argument('--version', help='TPU VM runtime image (default: '
-                         'tpu-ubuntu2204-base up to v4, v2-alpha-tpuv5-lite for v5litepod, '
-                         'v2-alpha-tpuv5 for v5p, v2-alpha-tpuv6e for v6e)')
-  preemption = up_parser.add_mutually_exclusive_group()
-  preemption.add_argument('--spot', action='store_true', help='a Spot VM (implies --watch)')
-  preemption.add_argument('--preemptible', action='store_true',
-                          help='a preemptible VM (implies --watch; not with --queued)')
-  up_parser.add_argument('--queued', action='store_true',
-                         help='request the VM as a queued resource and wait until it is ACTIVE')
-  up_parser.add_argument('--workdir', required=True,
-                         help='gs://BUCKET/PATH (required for pods and --watch); a plain path '
-                              'is on the VM, relative to ~/ddpm_jax')
-  add_job_flags(up_parser, 'configs/cifar10.py')
-  up_parser.add_argument('--git-url', help='git clone this on the workers instead of copying '
-                                           'this checkout')
-  up_parser.add_argument('--git-ref', default='origin/HEAD',
-                         help='with --git-url: what to check out (default: %(default)s)')
-  up_parser.add_argument('--python', default='3.11',
-                         help='Python version of the venv on the workers (default: %(default)s)')
-  up_parser.add_argument('--skip-install', action='store_true',
-                         help='only (re)start the job on an installed VM')
-  add_retry_flags(up_parser)
-  up_parser.add_argument('--watch', action=argparse.BooleanOptionalAction, default=None,
-                         help='stay and recreate the VM when it is preempted (default: with '
-                              '--spot or --preemptible)')
-  up_parser.add_argument('--poll-seconds', type=nonnegative_int, default=300,
-                         help='with --watch: time between checks (default: %(default)s)')
+  _add_node_flags(up_parser, 'train')
+  follow_parser = commands.add_parser(
+      'follow', parents=[shared],
+      help='create or reuse a TPU VM, install, start the evaluation follower',
+      description=__doc__, usage='%(prog)s [options] [-- ddpm_jax.main flags]')
+  _add_node_flags(follow_parser, 'follow')
 
   logs_parser = commands.add_parser('logs', parents=[shared], help="follow a worker's log",
-                                    description='Follow the training log of one worker.')
+                                    description='Follow the log of one worker.')
   logs_parser.add_argument('--worker', default='0', help='worker index (default: %(default)s)')
+  logs_parser.add_argument('--job', default='train', choices=JOBS,
+                           help='the trainer\'s log or the follower\'s (default: %(default)s)')
   commands.add_parser('stop', parents=[shared], help='stop the job on every worker',
-                      description='Stop the training job (and its retry loop) on every worker.')
+                      description='Stop the job (trainer or follower, and its retry loop) on '
+                                  'every worker.')
   delete_parser = commands.add_parser('delete', parents=[shared], help='delete the TPU VM',
                                       description='Delete the TPU VM (or queued resource).')
   delete_parser.add_argument('--queued', action='store_true',
@@ -380,6 +422,9 @@ def check_up_flags(args) -> None:
   if args.watch is None:
     args.watch = args.spot or args.preemptible
   if not args.workdir.startswith('gs://'):
+    if args.job == 'follow':
+      fail('the follower runs on a VM of its own and must see the trainer\'s checkpoints: pass '
+           '--workdir=gs://BUCKET/PATH, the trainer\'s.')
     if args.hosts > 1:
       fail(f'{args.accelerator_type} has {args.hosts} hosts and every worker must see the same '
            f'workdir: pass --workdir=gs://BUCKET/PATH.')
@@ -409,20 +454,22 @@ def gcloud_default(value: Optional[str], flag: str, key: str) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
   own, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(own)
-  if extra and args.command != 'up':
-    fail('arguments after -- are for ddpm_jax.main, so they only go with `up`.')
+  if extra and args.command not in ('up', 'follow'):
+    fail('arguments after -- are for ddpm_jax.main, so they only go with `up` and `follow`.')
   args.extra = extra
+  follower = args.command == 'follow' or getattr(args, 'job', '') == 'follow'
+  args.name = args.name or ('ddpm-eval' if follower else 'ddpm')
   if not NAME.fullmatch(args.name):
     fail(f'invalid --name {args.name!r}: use lowercase letters, digits and hyphens, starting '
          f'with a letter.')
-  if args.command == 'up':
+  if args.command in ('up', 'follow'):
     check_up_flags(args)
   if not args.dry_run and not have('gcloud'):
     fail('gcloud is not on PATH: install the Google Cloud CLI '
          '(https://cloud.google.com/sdk/docs/install), or pass --dry-run to print the commands.')
   args.project = gcloud_default(args.project, 'project', 'project')
   args.zone = gcloud_default(args.zone, 'zone', 'compute/zone')
-  action = {'up': up, 'logs': logs, 'stop': stop, 'delete': delete}[args.command]
+  action = {'up': up, 'follow': up, 'logs': logs, 'stop': stop, 'delete': delete}[args.command]
   return guarded(action, args, Runner(args.dry_run))
 
 

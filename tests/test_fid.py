@@ -247,3 +247,18 @@ def test_the_inception_weights_go_to_the_devices_once_per_parameter_set():
   first = fid._replicated(params, mesh)  # pylint: disable=protected-access
   assert fid._replicated(params, mesh) is first  # pylint: disable=protected-access
   assert fid._replicated(dict(params), mesh) is not first  # pylint: disable=protected-access
+
+
+def test_feature_moments_streamed_in_batches_equal_the_statistics_of_all_rows():
+  rng = np.random.default_rng(5)
+  features = rng.normal(0.4, 0.3, size=(1000, 32)).astype(np.float32)
+  moments = fid.FeatureMoments()
+  for start in range(0, 1000, 64):
+    moments.add(features[start:start + 64])
+  mu, sigma = moments.summed_over_processes().statistics()
+  expected_mu, expected_sigma = fid.feature_statistics(features)
+  np.testing.assert_allclose(mu, expected_mu, rtol=1e-12)
+  np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-9, atol=1e-12)
+  assert moments.count == 1000 and moments.outer.dtype == np.float64
+  with pytest.raises(UserError, match='at least 2 images'):
+    fid.FeatureMoments().statistics()

@@ -395,3 +395,39 @@ def test_streamed_tfds_dataset(prepared_data_dir, monkeypatch):
   config.data.eval_split = 'test'
   with pytest.raises(UserError, match='eval_split'):
     input_pipeline.num_examples(config, 'test')
+
+
+def test_a_random_eval_subset_is_fixed_by_its_seed_and_shared_by_the_processes(
+    numbered, prepared_data_dir, monkeypatch):
+  """subset_seed (the FID reference cap): the chosen images, in order, split over 2 processes
+  that yield the same number of batches; indexed and streamed sources alike."""
+  config = _digits_config()
+  numbered(100)
+  expected = np.sort(np.random.default_rng(3).choice(100, 30, replace=False))
+
+  shares = []
+  for process_index in range(2):
+    batches = list(input_pipeline._eval_dataset(config, 'train', 8, 30, process_index, 2,
+                                                subset_seed=3).as_numpy_iterator())
+    assert len(batches) == 4  # 15 of the subset each, 4 a batch (8 over 2 processes)
+    shares.append([v for b in batches for v in _indices(b['image'])[b['mask']]])
+  assert sorted(shares[0] + shares[1]) == expected.tolist()
+  assert shares[0] == expected[0::2].tolist()  # indexed: every 2nd of the subset
+
+  monkeypatch.undo()  # the real sources again: a streamed tfds dataset of 37 images
+  monkeypatch.setitem(datasets.TFDS_STREAMED, 'lsun_church', 'ddpm_test_images')
+  config = lsun_church256.get_config()
+  config.data.data_dir = prepared_data_dir
+  config.data.image_size = 4
+  in_order = [v for b in input_pipeline._eval_dataset(config, 'train', 37, None, 0, 1)
+              .as_numpy_iterator() for v in _values(b['image'])]  # tfds' own order
+  expected = np.array(in_order)[np.sort(np.random.default_rng(3).choice(37, 30,
+                                                                         replace=False))]
+  shares, counts = [], []
+  for process_index in range(2):
+    batches = list(input_pipeline._eval_dataset(config, 'train', 8, 30, process_index, 2,
+                                                subset_seed=3).as_numpy_iterator())
+    counts.append(len(batches))
+    shares.append([v for b in batches for v in _values(b['image'])[b['mask']]])
+  assert counts[0] == counts[1] == -(-max(map(len, shares)) // 4)
+  assert shares[0] + shares[1] == expected.tolist()  # streamed: contiguous ranges, in order

@@ -123,30 +123,34 @@ def test_fid_reference_statistics_are_keyed_by_data_and_inception_weights(
   config, _ = trained_digits
   monkeypatch.setenv('DDPM_JAX_CACHE', str(tmp_path / 'cache'))
   computed = []
-  real = lambda c, split, n=None: np.full((4, 2), len(c.data.data_dir) + 1, np.float32)
-  monkeypatch.setattr(evaluation, '_real_images', real)
+  real = lambda c, split, **_: iter([np.full((4, 2), len(c.data.data_dir) + 1, np.float32)])
+  monkeypatch.setattr(evaluation, '_reference_batches', real)
 
   def features(images, *, batch_size, params):
     computed.append(1)
-    return images * float(params['w'].sum()) + np.arange(8).reshape(4, 2)
-  monkeypatch.setattr(fid, 'inception_pool3', features)
+    return {'pool3': images * float(params['w'].sum()) + np.arange(8).reshape(4, 2)}
+  monkeypatch.setattr(fid, 'inception_features', features)
 
-  def stats(data_dir='', weight=1.):
-    c = copy.deepcopy(config)
+  def stats(data_dir='', weight=1., cap=50_000, c=config):
+    c = copy.deepcopy(c)
     c.data.data_dir = data_dir
-    return evaluation._reference_statistics(c, 'train', {'w': np.full(3, weight)}, 4)
+    c.eval.fid_reference_images = cap
+    return evaluation.reference_statistics(c, 'train', {'w': np.full(3, weight)},
+                                           batch_size=4)['mu']
 
   first = stats()
-  np.testing.assert_array_equal(stats()[0], first[0])
+  np.testing.assert_array_equal(stats(), first)
   assert len(computed) == 1  # cached
-  assert not np.array_equal(stats(data_dir='/other')[0], first[0]) and len(computed) == 2
-  assert not np.array_equal(stats(weight=2.)[0], first[0]) and len(computed) == 3
+  assert not np.array_equal(stats(data_dir='/other'), first) and len(computed) == 2
+  assert not np.array_equal(stats(weight=2.), first) and len(computed) == 3
+  stats(cap=4096)  # the cap is part of the key (the split holds fewer images)
+  assert len(computed) == 4
   c = copy.deepcopy(config)
   c.data.image_size = 16
-  evaluation._reference_statistics(c, 'train', {'w': np.full(3, 1.)}, 4)
-  assert len(computed) == 4
+  stats(c=c)
+  assert len(computed) == 5
   stats()
-  assert len(computed) == 4
+  assert len(computed) == 5
 
 
 @pytest.mark.slow

@@ -149,7 +149,7 @@ def fake_gcloud(tmp_path):
     ['tpu_vm.py', '--help'], ['tpu_vm.py', 'up', '--help'], ['tpu_vm.py', 'logs', '--help'],
     ['tpu_vm.py', 'stop', '--help'], ['tpu_vm.py', 'delete', '--help'], ['gpu.py', '--help'],
     ['gpu.py', 'start', '--help'], ['gpu.py', 'logs', '--help'], ['gpu.py', 'stop', '--help'],
-    ['local.py', '--help']])
+    ['local.py', '--help'], ['tpu_vm.py', 'follow', '--help'], ['gpu.py', 'follow', '--help']])
 def test_help(argv):
   result = launch(*argv)
   assert result.returncode == 0, result.stderr
@@ -272,6 +272,32 @@ def test_tpu_logs_stop_delete_dry_run():
   assert gcloud_tpus(delete[0], 'queued-resources', 'delete') and '--force' in delete[0]
 
 
+def test_tpu_follow_dry_run_starts_the_follower_on_a_second_vm():
+  result = launch('tpu_vm.py', 'follow', '--dry-run', *GCP, '--workdir=gs://b/c10',
+                  '--follow-poll=30', '--follow-timeout=7200', '--',
+                  '--config.sampling.num_steps=50', '--config.sampling.sampler=ddim')
+  assert result.returncode == 0, result.stderr
+  create, tar, scp, install, start = commands(result.stdout)
+  assert gcloud_tpus(create, 'tpu-vm', 'create') and create[5] == 'ddpm-eval'
+  assert flag(create, 'accelerator-type') == 'v3-8'
+  assert install[5] == start[5] == 'ddpm-eval' and scp[6].startswith('ddpm-eval:')
+  assert tar[0] == 'tar'
+  script = flag(start, 'command')
+  assert '~/ddpm_jax_logs/follow.log' in script and '~/ddpm_jax_logs/follow.pid' in script
+  loop = bash_c_argument(script)
+  assert 'echo done > ~/ddpm_jax_logs/follow.status' in loop
+  assert train_command(loop) == [
+      '.venv/bin/python', '-m', 'ddpm_jax.main', '--config=configs/cifar10.py',
+      '--workdir=gs://b/c10', '--mode=eval', '--follow', '--follow_poll=30',
+      '--follow_timeout=7200', '--config.sampling.num_steps=50', '--config.sampling.sampler=ddim']
+  for line in (script, loop):
+    check_bash_syntax(line)
+  logs = commands(launch('tpu_vm.py', 'logs', '--dry-run', *GCP, '--job=follow').stdout)[0]
+  assert logs[5] == 'ddpm-eval' and 'follow.log' in flag(logs, 'command')
+  stop = commands(launch('tpu_vm.py', 'stop', '--dry-run', *GCP, '--name=ddpm-eval').stdout)[0]
+  assert 'follow.pid' in flag(stop, 'command') and 'train.pid' in flag(stop, 'command')
+
+
 @pytest.mark.parametrize('accelerator_type, hosts', [
     ('v2-8', 1), ('v2-32', 4), ('v3-8', 1), ('v3-32', 4), ('v3-2048', 256), ('v4-8', 1),
     ('v4-16', 2), ('v4-32', 4), ('v5p-8', 1), ('v5p-16', 2), ('v5litepod-1', 1),
@@ -302,6 +328,11 @@ def test_num_hosts(tpu_vm, accelerator_type, hosts):
     ([*POD[:2], *GCP, '--config=configs/nope.py', '--workdir=gs://b/w'], ['configs/nope.py']),
     ([*POD[:2], *GCP], ['--workdir']),
     (['stop', '--dry-run', *GCP, '--', '--config.seed=1'], ['--']),
+    (['follow', '--dry-run', *GCP, '--workdir=/tmp/w'], ['gs://', "trainer's"]),
+    (['follow', '--dry-run', *GCP, '--workdir=gs://b/w', '--follow-poll=0'], ['--follow-poll']),
+    (['follow', '--dry-run', *GCP, '--workdir=gs://b/w', '--follow-timeout=-1'],
+     ['--follow-timeout']),
+    (['follow', '--dry-run', *GCP, '--workdir=gs://b/w', '--mode=train'], ['--mode']),
 ])
 def test_tpu_bad_input(argv, words):
   result = launch('tpu_vm.py', *argv)
@@ -364,6 +395,20 @@ def test_tpu_up_runs_what_dry_run_prints(fake_gcloud):
     names = tar.getnames()
   assert './setup.py' in names and './launch/tpu_vm.py' in names
   assert not any('/.git/' in n or n.endswith('/.git') for n in names)
+
+
+def test_tpu_follow_runs_what_dry_run_prints_and_watches_its_own_status(fake_gcloud):
+  argv = [*GCP, '--workdir=gs://b/w', '--skip-install', '--spot', '--poll-seconds=0']
+  printed = commands(launch('tpu_vm.py', 'follow', '--dry-run', *argv, path=fake_gcloud.path,
+                            env=fake_gcloud.env).stdout)
+  fake_gcloud.set_states('MISSING', 'READY', 'READY')
+  result = launch('tpu_vm.py', 'follow', *argv, path=fake_gcloud.path,
+                  env={**fake_gcloud.env, 'FAKE_JOB_STATUS': 'done'})
+  assert result.returncode == 0, result.stderr
+  calls = [c for c in fake_gcloud.calls() if 'describe' not in c]
+  assert calls[:2] == printed
+  assert flag(calls[2], 'command') == 'cat ~/ddpm_jax_logs/follow.status 2>/dev/null || true'
+  assert 'the evaluation follower finished' in result.stderr
 
 
 def test_tpu_up_reuses_a_ready_vm(fake_gcloud):
@@ -435,6 +480,22 @@ def test_gpu_dry_run():
       '--workdir=gs://b/w', '--mode=train', '--config.training.batch_size=256']
   assert 'while true' in loop
   assert len(launch('gpu.py', 'start', '--dry-run', '--workdir=w').stdout.splitlines()) == 1
+
+
+def test_gpu_follow_dry_run_starts_the_follower_beside_the_trainer(tmp_path):
+  result = launch('gpu.py', 'follow', '--dry-run', '--workdir=/data/run',
+                  '--python=/opt/py/bin/python', f'--log-dir={tmp_path}', '--follow-poll=5')
+  assert result.returncode == 0, result.stderr
+  [start] = result.stdout.splitlines()
+  check_bash_syntax(start)
+  assert f'{tmp_path}/ddpm-eval.log' in start and f'{tmp_path}/ddpm-eval.pid' in start
+  assert train_command(bash_c_argument(start)) == [
+      '/opt/py/bin/python', '-m', 'ddpm_jax.main', '--config=configs/cifar10.py',
+      '--workdir=/data/run', '--mode=eval', '--follow', '--follow_poll=5',
+      '--follow_timeout=21600']
+  logs = launch('gpu.py', 'logs', '--dry-run', f'--log-dir={tmp_path}', '--name=ddpm-eval')
+  assert shlex.split(logs.stdout) == ['tail', '-n', '200', '-F', f'{tmp_path}/ddpm-eval.log']
+  assert_bad_input(launch('gpu.py', 'follow', '--dry-run', '--workdir=w', '--mode=eval'))
 
 
 def fake_python(tmp_path, body):

@@ -110,9 +110,12 @@ def test_a_gs_workdir_trains_resumes_samples_and_evaluates(tmp_path):
     for step in (4, 6):
       assert f'{prefix}checkpoints/{step}/commit_success.txt' in names
       assert f'{prefix}checkpoints/{step}/default/manifest.ocdbt' in names
-    events = [name for name in names if 'events.out.tfevents' in name]
+    events = [name for name in names if 'events.out.tfevents' in name and '/eval/' not in name]
     assert len(events) == 2  # one per run
     assert _event_scalars(gcs.read(events[0]))['loss'] == [2, 4]
+    [eval_events] = [name for name in names if name.startswith(prefix + 'eval/events.out')]
+    assert _event_scalars(gcs.read(eval_events))['bpd_test'] == [6]
+    assert json.loads(gcs.read(prefix + 'eval/best.json'))['step'] == 6
     samples = np.load(io.BytesIO(gcs.read(prefix + 'samples/samples_6.npz')))['samples']
     assert samples.shape == (4, 8, 8, 1) and samples.dtype == np.uint8
     assert gcs.read(prefix + 'samples/samples_6.png').startswith(b'\x89PNG')

@@ -7,7 +7,9 @@ metrics are numpy in float64, as in the reference implementations.
     python -m ddpm_jax.fid --prepare [--pt_inception=PATH_OR_URL]   # fills the weights cache once
 
 Public functions: `inception_pool3`, `inception_logits`, `inception_features`,
-`feature_statistics`, `frechet_distance`, `kernel_inception_distance`, `inception_score`.
+`feature_statistics`, `frechet_distance`, `kernel_inception_distance`, `inception_score`; for
+sets too large for memory, `FeatureMoments` (streaming statistics, summed over processes) and
+`gather_rows`.
 """
 import jax
 import jax.numpy as jnp
@@ -122,6 +124,85 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Mean [D] and covariance [D, D] (unbiased, as np.cov) of features [N, D], in float64."""
   features = np.asarray(features, np.float64)
   return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+class FeatureMoments:
+  """Streaming mean and covariance of features: float64 sums of the rows and of their outer
+  products, so memory stays [D, D] whatever the number of rows.
+
+  `add` batches as they come, `summed_over_processes` combines every process's shard, and
+  `statistics` gives what `feature_statistics` gives for all the rows at once (to float64
+  rounding: the covariance is (sum x x^T - n mu mu^T) / (n - 1)).
+  """
+
+  def __init__(self, count: int = 0, total=None, outer=None):
+    self.count, self.total, self.outer = count, total, outer
+
+  def add(self, features: np.ndarray) -> None:
+    features = np.asarray(features, np.float64)
+    if self.total is None:
+      dim = features.shape[1]
+      self.total, self.outer = np.zeros(dim), np.zeros((dim, dim))
+    self.count += len(features)
+    self.total += features.sum(axis=0)
+    self.outer += features.T @ features
+
+  def summed_over_processes(self) -> 'FeatureMoments':
+    """The moments of all processes' rows, the same on every process (every process must
+    call this, each having added at least one batch, all of one width)."""
+    if jax.process_count() == 1:
+      return self
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    width = 0 if self.total is None else len(self.total)
+    width = int(np.max(multihost_utils.process_allgather(np.array([width], np.int32))))
+    total = np.zeros(width) if self.total is None else self.total  # a process without rows
+    outer = np.zeros((width, width)) if self.outer is None else self.outer
+    total = sum_over_processes(np.concatenate([[self.count], total]))
+    return FeatureMoments(int(round(total[0])), total[1:], sum_over_processes(outer))
+
+  def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [D], unbiased covariance [D, D]), float64; needs at least 2 rows."""
+    if self.count < 2:
+      raise UserError(f'Feature statistics need at least 2 images; got {self.count}.')
+    mu = self.total / self.count
+    sigma = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+    return mu, (sigma + sigma.T) / 2
+
+
+# Words of 32 bits moved per collective: process_allgather's temporary is this times processes.
+_GATHER_WORDS = 1 << 22
+
+
+def sum_over_processes(x: np.ndarray) -> np.ndarray:
+  """The sum over processes of a float64 host array, bit-identical on every process.
+
+  float64 cannot go through JAX's collectives without x64, so the exact bits travel as uint32
+  pairs, gathered in slices of bounded size, and are summed on the host in process order.
+  """
+  x = np.ascontiguousarray(x, np.float64)
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  words = x.reshape(-1).view(np.uint32)
+  out = np.empty(x.size, np.float64)
+  for start in range(0, words.size, _GATHER_WORDS):
+    gathered = np.asarray(multihost_utils.process_allgather(words[start:start + _GATHER_WORDS]))
+    out[start // 2:(start + len(gathered[0])) // 2] = gathered.view(np.float64).sum(axis=0)
+  return out.reshape(x.shape)
+
+
+def gather_rows(rows: np.ndarray) -> np.ndarray:
+  """Every process's float32 rows [n_p, D] (n_p may differ), concatenated in process order."""
+  rows = np.asarray(rows, np.float32)
+  if jax.process_count() == 1:
+    return rows
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  counts = np.asarray(multihost_utils.process_allgather(np.array([len(rows)], np.int32)))
+  counts = counts.reshape(-1)
+  padded = np.zeros((counts.max(), rows.shape[1]), np.float32)
+  padded[:len(rows)] = rows
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return np.concatenate([part[:n] for part, n in zip(gathered, counts)])
 
 
 def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
