@@ -56,6 +56,18 @@ def checkpoint_dir(workdir) -> epath.Path:
 
 
 
+def unfinished_saves(workdir) -> list[epath.Path]:
+  """The partial checkpoints in WORKDIR/checkpoints that a killed save or import left (Orbax's
+  `<step>.orbax-checkpoint-tmp-<time>` folders: never read as checkpoints)."""
+  directory = checkpoint_dir(workdir)
+  if not directory.is_dir():
+    return []
+  return sorted(p for p in directory.iterdir() if _TMP_SUFFIX in p.name)
+
+
+_TMP_SUFFIX = '.orbax-checkpoint-tmp'
+
+
 def create_manager(workdir, training_config) -> ocp.CheckpointManager:
   """The training run's manager: the `keep` latest plus every `keep_every`-th step (0: none).
 
@@ -244,6 +256,11 @@ def _restore_read_only(workdir, step: Optional[int], args_fn, check) -> tuple[in
   with _reader(workdir) as manager:
     steps = manager.all_steps()
     if not steps:
+      leftovers = unfinished_saves(workdir)
+      if leftovers:
+        raise UserError(f'No checkpoint in {checkpoint_dir(workdir)}: {leftovers[-1]} is a '
+                        f'save that never completed (the run that wrote it was killed); rerun '
+                        f'that training or import, which removes it.')
       raise UserError(f'No checkpoint in {checkpoint_dir(workdir)}; train first with '
                       f'--mode=train --workdir={workdir}.')
     if step is None:

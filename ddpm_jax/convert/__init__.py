@@ -12,14 +12,22 @@ folder. It becomes an ordinary training checkpoint `DIR/checkpoints/<step>/`: `p
 weights, `ema_params` the EMA weights (diffusers models have one set: both), `step` TF's
 `global_step` (0 for diffusers), Adam's moments from TF's slots when every variable has them
 (otherwise a fresh optimizer state) and a fresh `rng`; `--mode=sample|eval` and resumed training
-use it as they would one of their own. `--to_diffusers=OUT` writes the EMA weights of the newest
+use it as they would one of their own. The checkpoint is written as training writes its own
+(Orbax: into a temporary folder, renamed when complete), so nothing partial is ever taken for a
+checkpoint; a partial one that a killed import left is removed by the next import (with a
+warning naming it) and named by the sample and eval jobs' "no checkpoint" sentence. SIGTERM
+before the write stops at once with nothing written (status 75, rerun the same command);
+during the write, the write is completed first and a warning says so. `--to_diffusers=OUT` writes the EMA weights of the newest
 checkpoint (or `--config.sampling.step`) as a `DDPMPipeline` folder, local or gs://. Bad input (a
 PATH that is neither format, weights that do not fit the config's model, a workdir that already
 has a checkpoint, an OUT that is not empty) is one sentence on stderr, exit status 1, nothing
 written.
 """
+import contextlib
 import os
-from typing import Optional
+import signal
+import threading
+from typing import Iterator, Optional
 
 import flax.serialization
 import jax
@@ -29,16 +37,45 @@ import optax
 from absl import logging
 from etils import epath
 
-from ddpm_jax import checkpointing, train_step
+from ddpm_jax import checkpointing, errors, train_step
 from ddpm_jax.convert import diffusers, names, tf
 from ddpm_jax.errors import UserError
 
 
 def _check_no_checkpoint(workdir) -> None:
+  """A UserError if WORKDIR has a checkpoint; partial ones of killed runs are removed."""
   directory = checkpointing.checkpoint_dir(workdir)
+  for leftover in checkpointing.unfinished_saves(workdir):
+    leftover.rmtree()
+    logging.warning('Removed %s, the partial checkpoint of an import or save that never '
+                    'completed.', leftover)
   if directory.exists() and any(directory.iterdir()):
     raise UserError(f'{directory} already holds checkpoints; import into an empty --workdir '
                     f'(nothing was overwritten).')
+
+
+@contextlib.contextmanager
+def _sigterm_stops_before_writing(workdir, path: str) -> Iterator[dict]:
+  """Yields {'writing': False, 'received': False}. SIGTERM raises `errors.Stopped` while
+  'writing' is False; once it is True, SIGTERM only sets 'received' (the write finishes)."""
+  state = {'writing': False, 'received': False}
+  if threading.current_thread() is not threading.main_thread():  # signals reach the main thread
+    yield state
+    return
+
+  def on_sigterm(signum, frame):
+    del signum, frame
+    if state['writing']:
+      state['received'] = True
+      return
+    raise errors.Stopped(f'Stopped by SIGTERM before anything was written: {workdir} holds no '
+                         f'checkpoint; rerun the same command to import {path}.')
+
+  previous = signal.signal(signal.SIGTERM, on_sigterm)
+  try:
+    yield state
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def read_weights(config, path: str) -> names.Weights:
@@ -76,16 +113,25 @@ def train_state(config, weights: names.Weights) -> train_step.TrainState:
 
 def import_checkpoint(config, workdir, path: str) -> int:
   """Writes the weights at `path` as WORKDIR's checkpoint; returns its step."""
-  _check_no_checkpoint(workdir)
-  state = train_state(config, read_weights(config, path))
-  step = int(state.step)
-  manager = checkpointing.create_manager(workdir, config.training)
-  try:
-    checkpointing.save(manager, step, flax.serialization.to_state_dict(state))
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-  logging.info('Wrote %s/%d from %s.', checkpointing.checkpoint_dir(workdir), step, path)
+  with _sigterm_stops_before_writing(workdir, path) as sigterm:
+    _check_no_checkpoint(workdir)
+    state = train_state(config, read_weights(config, path))
+    step = int(state.step)
+    manager = checkpointing.create_manager(workdir, config.training)
+    sigterm['writing'] = True
+    try:
+      checkpointing.save(manager, step, flax.serialization.to_state_dict(state))
+    except checkpointing.NonFiniteError as error:
+      raise UserError(f'The weights at {path} hold NaN or infinite values ({error}); they '
+                      f'cannot be imported.') from None
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+  written = f'{checkpointing.checkpoint_dir(workdir)}/{step}'
+  if sigterm['received']:
+    logging.warning('SIGTERM arrived while the checkpoint was being written; it was completed '
+                    'first: %s holds all of %s.', written, path)
+  logging.info('Wrote %s from %s.', written, path)
   return step
 
 
