@@ -17,8 +17,10 @@ use it as they would one of their own. The checkpoint is written as training wri
 checkpoint; a partial one that a killed import left is removed by the next import (with a
 warning naming it) and named by the sample and eval jobs' "no checkpoint" sentence. SIGTERM
 before the write stops at once with nothing written (status 75, rerun the same command);
-during the write, the write is completed first and a warning says so. `--to_diffusers=OUT` writes the EMA weights of the newest
-checkpoint (or `--config.sampling.step`) as a `DDPMPipeline` folder, local or gs://. Bad input (a
+during the write, the write is completed first and a warning says so.
+
+`--to_diffusers=OUT` writes the EMA weights of the newest checkpoint (or
+`--config.sampling.step`) as a `DDPMPipeline` folder, local or gs://. Bad input (a
 PATH that is neither format, weights that do not fit the config's model, a workdir that already
 has a checkpoint, an OUT that is not empty) is one sentence on stderr, exit status 1, nothing
 written.
