@@ -18,7 +18,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpointing, diffusion as diffusion_lib, images, parallel, sampling, unet
+from ddpm_jax import checkpointing, diffusion as diffusion_lib, errors, images, parallel, sampling
+from ddpm_jax import unet
 from ddpm_jax.diffusion import ModelFn
 from ddpm_jax.errors import UserError
 
@@ -151,6 +152,7 @@ def generate(inference: Inference, workdir, *, name: str, num_samples: int, batc
   rng = jax.random.PRNGKey(seed)
   start = time.time()
   for i in np.flatnonzero(~done):
+    errors.raise_if_interrupted()  # a SIGTERM whose raise was lost inside JAX
     n = min(batch_size, num_samples - i * batch_size)
     chunk = inference.sample(jax.random.fold_in(rng, i), n)
     if jax.process_index() == 0:

@@ -5,11 +5,12 @@
       [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]  # multi-process off TPU
       [--coordinator_timeout=300]  # seconds to wait for every process to join, then exit 1
 
-Exit statuses: 0 done; 1 a mistake the user can fix (a UserError, a config that does not load or
-validate: its one-line message alone on stderr); 75 (EX_TEMPFAIL) training stopped early by
-SIGTERM (preemption) or Ctrl-C after saving its current step: rerun the same command to resume;
-130 Ctrl-C outside training. Anything else is a crash worth a retry (the launch scripts' loop
-reruns on 75 and on crashes, and stops on 0 and 1). The console is `cli.py`'s.
+Exit statuses (`cli.py`; docs/reliability.md): 0 done; 1 a mistake the user can fix (its one
+sentence alone on stderr); 70 an unexpected crash (traceback, then one sentence); 75
+(EX_TEMPFAIL) stopped with nothing lost: training saves its current step on SIGTERM
+(preemption) or Ctrl-C, sampling and evaluation keep their finished chunks and progress, and a
+full disk leaves the previous checkpoint: rerun the same command to continue. The launch scripts'
+loop reruns on 75 and on crashes, and stops on 0 and 1. The console is `cli.py`'s.
 """
 import os
 
@@ -27,7 +28,7 @@ from absl import app, flags, logging
 from ddpm_jax import cli, evaluation, inference as inference_lib, parallel, sample_job, train
 from ddpm_jax import xla_flags
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: try again (the launch scripts' retry loop)
+EXIT_PREEMPTED = cli.EXIT_STOPPED  # 75, EX_TEMPFAIL: try again (the launch scripts' retry loop)
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, summaries, samples and metrics.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'all'],

@@ -339,7 +339,7 @@ def test_sigterm_while_reading_writes_nothing_and_during_the_write_finishes_it(
     return weights
   monkeypatch.setattr(convert, 'read_weights', read_then_sigterm)
   workdir = tmp_path / 'stopped'
-  with pytest.raises(convert.errors.Stopped) as stopped:
+  with pytest.raises(convert.errors.Interrupted) as stopped:
     convert.run(config, str(workdir), from_path=folder)
   assert str(stopped.value) == (
       f'Stopped by SIGTERM before anything was written: {workdir} holds no checkpoint; rerun '

@@ -16,8 +16,8 @@ use it as they would one of their own. The checkpoint is written as training wri
 (Orbax: into a temporary folder, renamed when complete), so nothing partial is ever taken for a
 checkpoint; a partial one that a killed import left is removed by the next import (with a
 warning naming it) and named by the sample and eval jobs' "no checkpoint" sentence. SIGTERM
-before the write stops at once with nothing written (status 75, rerun the same command);
-during the write, the write is completed first and a warning says so.
+or Ctrl-C before the write stops at once with nothing written (status 75, rerun the same
+command); during the write, the write is completed first and a warning says so.
 
 `--to_diffusers=OUT` writes the EMA weights of the newest checkpoint (or
 `--config.sampling.step`) as a `DDPMPipeline` folder, local or gs://. Bad input (a
@@ -57,27 +57,30 @@ def _check_no_checkpoint(workdir) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_stops_before_writing(workdir, path: str) -> Iterator[dict]:
-  """Yields {'writing': False, 'received': False}. SIGTERM raises `errors.Stopped` while
-  'writing' is False; once it is True, SIGTERM only sets 'received' (the write finishes)."""
-  state = {'writing': False, 'received': False}
+def _signals_stop_before_writing(workdir, path: str) -> Iterator[dict]:
+  """Yields {'writing': False, 'received': ''}. SIGTERM or Ctrl-C raises `errors.Interrupted`
+  while 'writing' is False; once it is True, they only set 'received' to the signal's name and
+  the write finishes (a half-written checkpoint would be of no use)."""
+  state = {'writing': False, 'received': ''}
   if threading.current_thread() is not threading.main_thread():  # signals reach the main thread
     yield state
     return
 
-  def on_sigterm(signum, frame):
-    del signum, frame
+  def on_signal(signum, frame):
+    del frame
+    name = signal.Signals(signum).name
     if state['writing']:
-      state['received'] = True
+      state['received'] = state['received'] or name
       return
-    raise errors.Stopped(f'Stopped by SIGTERM before anything was written: {workdir} holds no '
-                         f'checkpoint; rerun the same command to import {path}.')
+    raise errors.Interrupted(f'Stopped by {name} before anything was written: {workdir} holds '
+                             f'no checkpoint; rerun the same command to import {path}.')
 
-  previous = signal.signal(signal.SIGTERM, on_sigterm)
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
     yield state
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def read_weights(config, path: str) -> names.Weights:
@@ -115,12 +118,13 @@ def train_state(config, weights: names.Weights) -> train_step.TrainState:
 
 def import_checkpoint(config, workdir, path: str) -> int:
   """Writes the weights at `path` as WORKDIR's checkpoint; returns its step."""
-  with _sigterm_stops_before_writing(workdir, path) as sigterm:
+  with _signals_stop_before_writing(workdir, path) as stop:
     _check_no_checkpoint(workdir)
+    logging.info('Importing %s into %s.', path, checkpointing.checkpoint_dir(workdir))
     state = train_state(config, read_weights(config, path))
     step = int(state.step)
     manager = checkpointing.create_manager(workdir, config.training)
-    sigterm['writing'] = True
+    stop['writing'] = True
     try:
       checkpointing.save(manager, step, flax.serialization.to_state_dict(state))
     except checkpointing.NonFiniteError as error:
@@ -130,9 +134,9 @@ def import_checkpoint(config, workdir, path: str) -> int:
       manager.wait_until_finished()
       manager.close()
   written = f'{checkpointing.checkpoint_dir(workdir)}/{step}'
-  if sigterm['received']:
-    logging.warning('SIGTERM arrived while the checkpoint was being written; it was completed '
-                    'first: %s holds all of %s.', written, path)
+  if stop['received']:
+    logging.warning('%s arrived while the checkpoint was being written; it was completed '
+                    'first: %s holds all of %s.', stop['received'], written, path)
   logging.info('Wrote %s from %s.', written, path)
   return step
 
