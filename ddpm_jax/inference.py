@@ -38,7 +38,7 @@ class Inference:
     template = jax.eval_shape(lambda: self.model.init(
         jax.random.PRNGKey(0), jnp.zeros((1,) + self.image_shape), jnp.zeros((1,), jnp.int32)))
     self.step, params = checkpointing.restore_ema_params(
-        workdir, template['params'], None if step is None or step < 0 else step)
+        workdir, template['params'], None if step is None or step < 0 else step, config=config)
     self.params = parallel.replicate(self.mesh, params)
     self._sample_jit = sampling.jit_sampler(config, self.mesh)
 

@@ -95,6 +95,14 @@ def test_tf_import_takes_adam_moments_and_the_step(tf_cifar10):
   assert state['rng'].shape == (2,)
 
 
+def test_an_imported_checkpoint_records_what_it_is_trained_as(tf_cifar10):
+  """Issue 21: what `--mode=sample|eval` and resumed training compare their config with."""
+  from ddpm_jax import checkpoint_settings
+  _, config, _, _, workdir = tf_cifar10
+  assert checkpointing.trained_as(workdir, MAKE_TF.GLOBAL_STEP) == (
+      checkpoint_settings.record(config), 'convert')
+
+
 def test_a_converted_workdir_resumes_training_and_samples(tf_cifar10):
   _, config, _, _, workdir = tf_cifar10
   config = config.copy_and_resolve_references()
@@ -105,7 +113,7 @@ def test_a_converted_workdir_resumes_training_and_samples(tf_cifar10):
   finally:
     manager.close()
   assert int(state.step) == MAKE_TF.GLOBAL_STEP
-  config.diffusion.num_timesteps = 3
+  config.sampling.num_steps = 3  # the imported model's 1000-step chain, respaced (T is its own)
   config.sampling.num_samples = config.sampling.batch_size = 8
   paths = sample_job.sample_from_workdir(config, workdir)
   samples = np.load(paths['samples_npz'])['samples']

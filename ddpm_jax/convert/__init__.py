@@ -123,7 +123,8 @@ def import_checkpoint(config, workdir, path: str) -> int:
     logging.info('Importing %s into %s.', path, checkpointing.checkpoint_dir(workdir))
     state = train_state(config, read_weights(config, path))
     step = int(state.step)
-    manager = checkpointing.create_manager(workdir, config.training)
+    manager = checkpointing.create_manager(workdir, config.training, trained_as=config,
+                                           written_by='convert')
     stop['writing'] = True
     try:
       checkpointing.save(manager, step, flax.serialization.to_state_dict(state))
@@ -151,7 +152,7 @@ def export_diffusers(config, workdir, out: str) -> str:
   template = names.unflatten({p: np.zeros(s, np.float32) for p, s in shapes.items()})
   step = config.sampling.step
   found, ema_params = checkpointing.restore_ema_params(workdir, template,
-                                                       None if step < 0 else step)
+                                                       None if step < 0 else step, config=config)
   diffusers.write(out, config, names.flatten(ema_params))
   logging.info('Wrote the EMA weights of step %d to %s.', found, out)
   return out
