@@ -73,6 +73,7 @@ def main(argv) -> None:
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only; JAX owns accelerators
   parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                       timeout_s=_COORDINATOR_TIMEOUT.value)
+  parallel.check_same_config(cli.CONFIG.value, mode=_MODE.value, workdir=_WORKDIR.value)
   logging.info('JAX process %d of %d, %d local and %d global devices.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   if not run(cli.CONFIG.value, cli.local_path(_WORKDIR.value), _MODE.value):
