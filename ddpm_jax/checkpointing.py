@@ -6,8 +6,10 @@ and atomic (Orbax writes a temporary directory and commits it), so a crash or a 
 overwrites a checkpoint. A checkpoint that cannot be read is skipped for the previous one with a
 warning; training moves it to `WORKDIR/checkpoints_damaged/<step>/` so that it can be inspected
 and the run can save that step again. A checkpoint holding a NaN or an infinity counts as
-damaged, and none is ever written (`save` refuses). Workdirs may be local or any `etils.epath`
-path (`gs://`).
+damaged, and none is ever written (`save` refuses). Each checkpoint also records the settings
+it was trained as (`checkpoint_settings`), and resuming, sampling and evaluating refuse a config
+that differs where it matters, before reading any array. Workdirs may be local or any
+`etils.epath` path (`gs://`).
 """
 import contextlib
 import gc
@@ -24,7 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from ddpm_jax import errors
+from ddpm_jax import checkpoint_settings, errors
 from ddpm_jax.errors import UserError
 
 PyTree = Any
@@ -56,9 +58,30 @@ def checkpoint_dir(workdir) -> epath.Path:
 
 
 
-def create_manager(workdir, training_config) -> ocp.CheckpointManager:
+def unfinished_saves(workdir) -> list[epath.Path]:
+  """The partial checkpoints in WORKDIR/checkpoints that a killed save or import left (Orbax's
+  `<step>.orbax-checkpoint-tmp-<time>` folders: never read as checkpoints)."""
+  directory = checkpoint_dir(workdir)
+  if not directory.is_dir():
+    return []
+  return sorted(p for p in directory.iterdir() if _TMP_SUFFIX in p.name)
+
+
+_TMP_SUFFIX = '.orbax-checkpoint-tmp'
+
+
+class _Manager(ocp.CheckpointManager):
+  """A CheckpointManager that knows the config its saves are trained as (or None)."""
+  config = None
+  written_by = 'train'
+
+
+def create_manager(workdir, training_config, *, trained_as=None,
+                   written_by: str = 'train') -> ocp.CheckpointManager:
   """The training run's manager: the `keep` latest plus every `keep_every`-th step (0: none).
 
+  `trained_as`: the config its checkpoints are trained as; `save` records its settings and
+  `restore_for_training` refuses a checkpoint trained otherwise (`checkpoint_settings`).
   A workdir that is a file, or cannot be written, is a UserError.
   """
   policies = [ocp.checkpoint_managers.LatestN(training_config.keep)]
@@ -73,8 +96,9 @@ def create_manager(workdir, training_config) -> ocp.CheckpointManager:
     directory.mkdir(parents=True, exist_ok=True)
   except OSError as error:
     raise errors.unwritable_workdir(workdir, error) from None
-  return ocp.CheckpointManager(directory, options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+  manager = _Manager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+  manager.config, manager.written_by = trained_as, written_by
+  return manager
 
 
 def _reader(workdir) -> ocp.CheckpointManager:
@@ -110,7 +134,11 @@ def save(manager: ocp.CheckpointManager, step: int, state_dict: PyTree) -> None:
   """
   host_state_dict = jax.tree.map(_local_copy, state_dict)
   _check_finite(host_state_dict)
-  manager.save(step, args=ocp.args.StandardSave(host_state_dict), force=True)
+  config = getattr(manager, 'config', None)
+  custom = (None if config is None
+            else checkpoint_settings.metadata(config, getattr(manager, 'written_by', 'train')))
+  manager.save(step, args=ocp.args.StandardSave(host_state_dict), force=True,
+               custom_metadata=custom)
 
 
 def _shapes_by_name(tree: PyTree) -> dict[str, tuple[int, ...]]:
@@ -131,6 +159,13 @@ def _check_shapes(step: int, stored: PyTree, expected: PyTree) -> None:
   extra = sorted(stored_shapes.keys() - expected_shapes.keys())
   if extra:
     raise UserError(prefix + f'{extra[0]} is in the checkpoint but not in this config\'s model.')
+
+
+def _check_settings(manager, step: int, config, purpose: str) -> None:
+  """`checkpoint_settings.check` of step `step` against `config` (nothing if config is None)."""
+  if config is not None:
+    checkpoint_settings.check(manager.metadata(step).custom_metadata, config, purpose,
+                              step=step, where=str(manager.directory))
 
 
 def _restore_step(manager, step: int, args_fn: Callable[[PyTree], ocp.args.CheckpointArgs],
@@ -214,15 +249,20 @@ def restore_for_training(manager: ocp.CheckpointManager, workdir,
                          abstract_state_dict: PyTree) -> Optional[tuple[int, PyTree]]:
   """(step, state_dict) of the newest readable checkpoint, sharded as the target; None if none.
 
-  `abstract_state_dict` holds `jax.ShapeDtypeStruct`s (with shardings). Parameter shapes that
-  differ from the target's are a UserError. Damaged newer steps are moved to
+  `abstract_state_dict` holds `jax.ShapeDtypeStruct`s (with shardings). A checkpoint trained
+  as another config (`create_manager(trained_as=)`, `checkpoint_settings`) or with other
+  parameter shapes is a UserError. Damaged newer steps are moved to
   `WORKDIR/checkpoints_damaged/` with a warning, so that training can save those steps again.
   """
   if not manager.all_steps():
     return None
+  def check(step, stored):
+    _check_settings(manager, step, getattr(manager, 'config', None),
+                    checkpoint_settings.RESUME)
+    _check_shapes(step, stored['params'], abstract_state_dict['params'])
+
   step, state_dict, unreadable = _restore_newest_readable(
-      manager, lambda _: ocp.args.StandardRestore(abstract_state_dict),
-      lambda step, stored: _check_shapes(step, stored['params'], abstract_state_dict['params']))
+      manager, lambda _: ocp.args.StandardRestore(abstract_state_dict), check)
   for bad_step, reason in unreadable:
     logging.warning('The checkpoint at step %d is damaged (%s); moved it to %s and resumed from '
                     'step %d.', bad_step, reason, _move_aside(workdir, bad_step), step)
@@ -239,15 +279,28 @@ def _host_restore(metadata: PyTree, *, partial: bool = False) -> ocp.args.PyTree
   return ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=partial)
 
 
-def _restore_read_only(workdir, step: Optional[int], args_fn, check) -> tuple[int, PyTree]:
-  """(step, tree) of step `step`, or of the newest readable step if None; nothing is moved."""
+def _restore_read_only(workdir, step: Optional[int], args_fn, check,
+                       config=None) -> tuple[int, PyTree]:
+  """(step, tree) of step `step`, or of the newest readable step if None; nothing is moved.
+
+  With `config`, a checkpoint trained as another config is a UserError (`checkpoint_settings`).
+  """
   with _reader(workdir) as manager:
+    def check_all(step, metadata):
+      _check_settings(manager, step, config, checkpoint_settings.USE)
+      check(step, metadata)
+
     steps = manager.all_steps()
     if not steps:
+      leftovers = unfinished_saves(workdir)
+      if leftovers:
+        raise UserError(f'No checkpoint in {checkpoint_dir(workdir)}: {leftovers[-1]} is a '
+                        f'save that never completed (the run that wrote it was killed); rerun '
+                        f'that training or import, which removes it.')
       raise UserError(f'No checkpoint in {checkpoint_dir(workdir)}; train first with '
                       f'--mode=train --workdir={workdir}.')
     if step is None:
-      found, tree, unreadable = _restore_newest_readable(manager, args_fn, check)
+      found, tree, unreadable = _restore_newest_readable(manager, args_fn, check_all)
       for bad_step, reason in unreadable:
         logging.warning('The checkpoint at step %d in %s is damaged (%s); using step %d.',
                         bad_step, checkpoint_dir(workdir), reason, found)
@@ -257,7 +310,7 @@ def _restore_read_only(workdir, step: Optional[int], args_fn, check) -> tuple[in
                       f'are {", ".join(map(str, steps))}.')
     with _quiet_abandoned_reads():
       try:
-        return step, _restore_step(manager, step, args_fn, check)
+        return step, _restore_step(manager, step, args_fn, check_all)
       except UserError:
         raise
       except Exception as error:  # pylint: disable=broad-except  (any failure to read)
@@ -274,15 +327,26 @@ def restore_state_dict(workdir, step: Optional[int] = None) -> dict:
   return _restore_read_only(workdir, step, _host_restore, lambda *_: None)[1]
 
 
-def restore_ema_params(workdir, params_template: PyTree,
-                       step: Optional[int] = None) -> tuple[int, PyTree]:
+def restore_ema_params(workdir, params_template: PyTree, step: Optional[int] = None, *,
+                       config=None) -> tuple[int, PyTree]:
   """(step, the EMA parameters as numpy arrays, structured as `params_template`).
 
-  Reads only the EMA parameters. A UserError when there is no checkpoint, or when its shapes
-  differ from the template's (a model trained with another config).
+  Reads only the EMA parameters. A UserError when there is no checkpoint, when it was trained
+  as a config that differs from `config` where sampling and evaluation cannot ignore it
+  (`checkpoint_settings`), or when its shapes differ from the template's.
   """
   found, tree = _restore_read_only(
       workdir, step,
       lambda metadata: _host_restore({'ema_params': metadata['ema_params']}, partial=True),
-      lambda step, stored: _check_shapes(step, stored['ema_params'], params_template))
+      lambda step, stored: _check_shapes(step, stored['ema_params'], params_template),
+      config=config)
   return found, flax.serialization.from_state_dict(params_template, tree['ema_params'])
+
+
+def trained_as(workdir, step: int) -> tuple[Optional[dict], str]:
+  """(the settings the checkpoint at `step` records, or None; who wrote it: 'train',
+  'convert', or '' when it records nothing). See `checkpoint_settings`."""
+  with _reader(workdir) as manager:
+    custom = manager.metadata(step).custom_metadata or {}
+  entry = custom.get(checkpoint_settings.METADATA_KEY) or {}
+  return checkpoint_settings.recorded(custom), entry.get('by', '')

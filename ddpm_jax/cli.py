@@ -1,21 +1,33 @@
-"""What the commands (`main`, `convert`, `benchmark`) share: the --config flag, flag errors and
-user errors as one line on stderr with status 1, and a console that shows this package's progress.
+"""What the commands (`main`, `convert`, `benchmark`) share: the --config flag, the exit
+statuses with their one-line messages, and a console that shows this package's progress.
 
-Exit statuses: 0 done; 1 a mistake the user can fix (a UserError, a config that does not load or
-validate: its one-line message alone on stderr); 130 Ctrl-C. The console shows this package's
-INFO lines and every library's warnings; other libraries' INFO lines come back with
---verbosity=1, their DEBUG lines with --verbosity=2.
+Exit statuses (`with_user_errors`; docs/reliability.md has the table):
+  0   done.
+  1   a mistake to fix (a UserError, a config that does not load or validate, a path that cannot
+      be written): its one sentence alone on stderr; rerunning the same command cannot help.
+  70  (EX_SOFTWARE) an unexpected crash: the traceback, then one sentence; worth a retry.
+  75  (EX_TEMPFAIL) stopped before finishing with nothing lost: SIGTERM (preemption), Ctrl-C, or
+      a full disk (the sentence names the device and the space to free); rerun the same command
+      to continue from what was kept (checkpoints, sample chunks, bits/dim progress).
+The console shows this package's INFO lines and every library's warnings; other libraries' INFO
+lines come back with --verbosity=1, their DEBUG lines with --verbosity=2.
 """
 import logging as python_logging
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from absl import flags, logging
 from ml_collections import config_flags
 
-from ddpm_jax import config_validation
+from ddpm_jax import config_validation, errors
 from ddpm_jax.errors import UserError
+
+EXIT_MISTAKE = 1
+EXIT_CRASH = 70  # EX_SOFTWARE from sysexits.h: the launch scripts retry up to --max-restarts
+EXIT_STOPPED = 75  # EX_TEMPFAIL from sysexits.h: try again (the launch scripts always rerun)
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,17 +37,42 @@ CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config (con
 
 
 class _LibraryInfoFilter(python_logging.Filter):
-  """Other packages' INFO only with --verbosity=1 or more, their DEBUG with 2 or more."""
+  """Other packages' INFO only with --verbosity=1 or more, their DEBUG with 2 or more.
+
+  Orbax's background threads log each failure of an asynchronous save with its traceback (as
+  many as three copies) before the main thread gets it again (from `wait_until_finished` or the
+  next save), where `with_user_errors` reports it once: Orbax's records that carry a traceback
+  show only with --verbosity=1.
+  """
 
   def filter(self, record: python_logging.LogRecord) -> bool:
+    if _is_orbax_thread_failure(record):
+      return FLAGS.verbosity >= 1
     if record.levelno >= python_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR):
       return True
     return FLAGS.verbosity >= (1 if record.levelno >= python_logging.INFO else 2)
 
 
+def _is_orbax_thread_failure(record: python_logging.LogRecord) -> bool:
+  return f'{os.sep}orbax{os.sep}' in record.pathname and record.exc_info is not None
+
+
+def _is_abandoned_write(unraisable) -> bool:
+  """TensorStore's report, through a closed asyncio loop, of a write Orbax abandoned after an
+  error (one per array of a failed save): the error itself reaches the main thread."""
+  return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == 'Event loop is closed')
+
+
+def _quiet_abandoned_writes() -> None:
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda u: None if _is_abandoned_write(u) else previous(u)
+
+
 def start(config) -> None:
   """What every command does first: the quiet console, then the whole config validated."""
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  _quiet_abandoned_writes()
   config_validation.validate(config)
 
 
@@ -80,17 +117,48 @@ def _config_error(error: Exception, filename: str) -> str:
   raise error
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+  """SIGTERM outside training (which saves first, `train.watch_for_preemption`): stop now."""
+  del signum, frame
+  errors.interrupt('Stopped by SIGTERM; what was finished is kept (checkpoints, sample chunks, '
+                   'bits/dim progress): rerun the same command to continue.')
+
+
+def exit_status(error: BaseException) -> tuple[int, str]:
+  """(exit status, the one sentence for stderr) of an exception that ended a command."""
+  if isinstance(error, UserError):
+    return EXIT_MISTAKE, str(error)
+  if isinstance(error, (errors.Stopped, errors.Interrupted)):
+    return EXIT_STOPPED, str(error)
+  if isinstance(error, KeyboardInterrupt):
+    return EXIT_STOPPED, ('Interrupted by Ctrl-C; what was finished is kept (checkpoints, sample '
+                          'chunks, bits/dim progress): rerun the same command to continue.')
+  if errors.is_disk_full(error):
+    return EXIT_STOPPED, str(errors.disk_full(error))
+  if isinstance(error, PermissionError) or (
+      isinstance(error, OSError) and error.errno == 30):  # EROFS: a read-only filesystem
+    where = f' {error.filename}' if error.filename else ''
+    return EXIT_MISTAKE, (f'Cannot access{where} ({errors.one_line(error)}); make it writable, '
+                          f'or pass another --workdir.')
+  return EXIT_CRASH, (f'ddpm_jax crashed ({errors.one_line(error)}); this is a bug or a fault '
+                      f'of the machine, not of the command: the launch scripts rerun it (exit '
+                      f'status {EXIT_CRASH}), and if it repeats, report the traceback above.')
+
+
 def with_user_errors(main_fn):
-  """`main_fn(argv)`: a UserError's message alone on stderr and status 1; Ctrl-C status 130."""
+  """`main_fn(argv)` with the exit statuses of the module docstring: a one-sentence message on
+  stderr (after the traceback for a crash), then status 1, 70 or 75."""
   def main_or_exit(argv) -> None:
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
       main_fn(argv)
-    except UserError as error:
-      print(error, file=sys.stderr)
-      sys.exit(1)
-    except KeyboardInterrupt:
-      print('Interrupted.', file=sys.stderr)
-      sys.exit(130)
+    except (Exception, KeyboardInterrupt, errors.Interrupted) as error:  # pylint: disable=W0703
+      status, sentence = exit_status(error)
+      if status == EXIT_CRASH:
+        traceback.print_exc()
+      print(sentence, file=sys.stderr, flush=True)
+      sys.exit(status)
   return main_or_exit
 
 

@@ -11,6 +11,7 @@ checkpoints, sample grids or permanent checkpoints mean only the last step (and 
 logs or saves, none are drawn, none are kept.
 """
 import math
+import re
 from typing import Any, Callable, NamedTuple, Optional
 
 from ddpm_jax import diffusion, evaluation, sampling, unet
@@ -64,6 +65,16 @@ def boolean() -> Rule:
 
 def text() -> Rule:
   return Rule(lambda v: isinstance(v, str) and bool(v), 'a non-empty string')
+
+
+_PLAIN_FILE_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._+-]{0,99}')
+
+
+def plain_file_name() -> Rule:
+  """A name for files in one folder: no path separator, no leading dot, at most 100 characters."""
+  return Rule(lambda v: isinstance(v, str) and _PLAIN_FILE_NAME.fullmatch(v) is not None,
+              'a plain file name (at most 100 letters, digits and . _ + -, starting with a letter '
+              'or digit; no / or ..)')
 
 
 def integers(minimum: int, *, non_empty: bool) -> Rule:
@@ -120,10 +131,10 @@ FIELDS = {
     'sampling.clip_denoised': boolean(),
     'sampling.step': Rule(lambda v: _is_integer(v) and v >= -1,
                           'a checkpoint step >= 0, or -1 for the latest'),
-    'sampling.name': text(),
+    'sampling.name': plain_file_name(),  # WORKDIR/samples/<name>_<step>.npz: stays in samples/
     'sampling.sampler': one_of(*sampling.SAMPLERS),
     'sampling.num_steps': integer(1, zero_means='all diffusion.num_timesteps steps'),
-    'sampling.eta': at_least_zero(),
+    'sampling.eta': interval(0, 1, high_open=False),  # DDIM's range: 0 deterministic, 1 DDPM
     'sampling.spacing': one_of(*sampling.SPACINGS),
     'sampling.progressive_every': integer(1, zero_means='no Fig. 6'),
     'sampling.interpolate_t': integer(1, zero_means='no Fig. 8'),

@@ -1,4 +1,13 @@
-"""The one exception type for mistakes a user can fix, and the sentences other errors become."""
+"""The exception types the commands turn into exit statuses, and the sentences errors become.
+
+UserError: a mistake to fix, status 1. Stopped and Interrupted: stopped before finishing with
+nothing lost (a full disk; SIGTERM, Ctrl-C), status 75: rerunning the same command continues.
+Anything else is a crash, status 70 (`cli.with_user_errors`).
+"""
+import os
+import re
+import shutil
+from typing import Iterator, Optional
 
 
 class UserError(ValueError):
@@ -6,6 +15,40 @@ class UserError(ValueError):
 
   The commands (`ddpm_jax.cli`) print the message alone (no traceback) and exit with status 1.
   """
+
+
+class Stopped(Exception):
+  """Stopped before finishing, nothing lost: the message says what was left and to rerun.
+
+  The commands (`ddpm_jax.cli`) print the message alone and exit with status 75 (EX_TEMPFAIL).
+  """
+
+
+class Interrupted(BaseException):
+  """A signal (SIGTERM, Ctrl-C) stopped the job; the message says what is kept. Status 75.
+
+  A BaseException, as KeyboardInterrupt is, so that no `except Exception` (say, one that takes a
+  failed read for a damaged checkpoint) mistakes it for an error. The commands' SIGTERM handler
+  raises it through `interrupt`, which also notes it: where the raise is lost (a handler can run
+  inside a callback or a destructor, which swallow exceptions), `raise_if_interrupted` raises it
+  again at the next safe point (each sample chunk).
+  """
+
+
+_INTERRUPTED: list[str] = []  # the message of a signal not yet acted on
+
+
+def interrupt(message: str) -> None:
+  """From a command's signal handler: notes the signal, then raises Interrupted(message) (the
+  process then exits, so the note is never stale)."""
+  _INTERRUPTED[:] = [message]
+  raise Interrupted(message)
+
+
+def raise_if_interrupted() -> None:
+  """Raises Interrupted again if a signal's raise was swallowed."""
+  if _INTERRUPTED:
+    raise Interrupted(_INTERRUPTED[0])
 
 
 def one_line(error: Exception) -> str:
@@ -17,3 +60,107 @@ def one_line(error: Exception) -> str:
 def unwritable_workdir(workdir, error: OSError) -> UserError:
   return UserError(f'Cannot write to --workdir={workdir} ({one_line(error)}); pass a directory '
                    f'you can write to.')
+
+
+_DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT (Linux)
+_DISK_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os_error_code='28'")
+_WRITTEN_PATH = re.compile(r'(?:Failed (?:writing|to write|to create)[^"]*|local file) "([^"]+)"')
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+  """`error`, then its causes and contexts (each once)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether `error` (or what caused it) is a full disk or quota, as OSError or TensorStore
+  (Orbax) report it."""
+  return any((isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS)
+             or _DISK_FULL_TEXT.search(str(e)) for e in _chain(error))
+
+
+def _written_path(error: BaseException) -> Optional[str]:
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.filename:
+      return os.fspath(e.filename)
+    match = _WRITTEN_PATH.search(str(e))
+    if match:
+      return match.group(1)
+  return None
+
+
+def _mount_of(path: str) -> tuple[str, str]:
+  """(device, mount point) of the filesystem holding `path` (its nearest existing parent)."""
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  while not os.path.ismount(path):
+    path = os.path.dirname(path)
+  device = path
+  try:
+    with open('/proc/mounts', encoding='utf-8') as f:
+      for line in f:
+        fields = line.split()
+        if len(fields) > 1 and fields[1] == path:
+          device = fields[0]
+  except OSError:
+    pass
+  return device, path
+
+
+def _size_of(path: str) -> int:
+  total = 0
+  for root, _, names in os.walk(path):
+    for name in names:
+      try:
+        total += os.path.getsize(os.path.join(root, name))
+      except OSError:
+        pass
+  return total
+
+
+def human_bytes(n: float) -> str:
+  for unit in ('bytes', 'KB', 'MB', 'GB', 'TB'):
+    if n < 1000 or unit == 'TB':
+      return f'{n:.0f} {unit}' if unit == 'bytes' else f'{n:.1f} {unit}'
+    n /= 1000
+  return ''
+
+
+def _newest_checkpoint(directory: str) -> Optional[str]:
+  steps = [name for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(
+      directory) else []
+  return os.path.join(directory, max(steps, key=int)) if steps else None
+
+
+def disk_full(error: BaseException, needed_bytes: Optional[int] = None) -> Stopped:
+  """The one sentence for a full disk: the device, its free space, what is safe, what to free.
+
+  Under a `checkpoints` folder the space needed is the newest complete checkpoint's size (the
+  save that failed wrote as much), and that checkpoint is what is safe.
+  """
+  path = _written_path(error)
+  if path is None or '://' in path:
+    return Stopped(f'No space left on the device being written ({one_line(error)}); free space '
+                   f'there and rerun the same command to continue.')
+  parts = path.split(os.sep)
+  safe = 'the files written before are kept'
+  if 'checkpoints' in parts:
+    directory = os.sep.join(parts[:len(parts) - parts[::-1].index('checkpoints')])
+    newest = _newest_checkpoint(directory)
+    if newest is not None:
+      safe = f'the checkpoint at step {os.path.basename(newest)} is safe'
+      needed_bytes = needed_bytes or _size_of(newest)
+  device, mount = _mount_of(path)
+  try:
+    free = f', {human_bytes(shutil.disk_usage(mount).free)} free'
+  except OSError:
+    free = ''
+  needed = (f'at least {human_bytes(needed_bytes)}' if needed_bytes
+            else 'space')
+  return Stopped(f'No space left on {device} (mounted at {mount}{free}) while writing {path}: '
+                 f'{safe}; free {needed} there and rerun the same command to continue.')

@@ -18,7 +18,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from ddpm_jax import checkpointing, diffusion as diffusion_lib, images, parallel, sampling, unet
+from ddpm_jax import checkpointing, diffusion as diffusion_lib, errors, images, parallel, sampling
+from ddpm_jax import unet
 from ddpm_jax.diffusion import ModelFn
 from ddpm_jax.errors import UserError
 
@@ -37,7 +38,7 @@ class Inference:
     template = jax.eval_shape(lambda: self.model.init(
         jax.random.PRNGKey(0), jnp.zeros((1,) + self.image_shape), jnp.zeros((1,), jnp.int32)))
     self.step, params = checkpointing.restore_ema_params(
-        workdir, template['params'], None if step is None or step < 0 else step)
+        workdir, template['params'], None if step is None or step < 0 else step, config=config)
     self.params = parallel.replicate(self.mesh, params)
     self._sample_jit = sampling.jit_sampler(config, self.mesh)
 
@@ -151,6 +152,7 @@ def generate(inference: Inference, workdir, *, name: str, num_samples: int, batc
   rng = jax.random.PRNGKey(seed)
   start = time.time()
   for i in np.flatnonzero(~done):
+    errors.raise_if_interrupted()  # a SIGTERM whose raise was lost inside JAX
     n = min(batch_size, num_samples - i * batch_size)
     chunk = inference.sample(jax.random.fold_in(rng, i), n)
     if jax.process_index() == 0:

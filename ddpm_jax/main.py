@@ -8,11 +8,12 @@
       [--follow_poll=60 --follow_timeout=21600]  # evaluate each new checkpoint (follower.py;
       # SIGTERM or Ctrl-C stop it with status 75, as training: rerunning continues)
 
-Exit statuses: 0 done; 1 a mistake the user can fix (a UserError, a config that does not load or
-validate: its one-line message alone on stderr); 75 (EX_TEMPFAIL) training stopped early by
-SIGTERM (preemption) or Ctrl-C after saving its current step: rerun the same command to resume;
-130 Ctrl-C outside training. Anything else is a crash worth a retry (the launch scripts' loop
-reruns on 75 and on crashes, and stops on 0 and 1). The console is `cli.py`'s.
+Exit statuses (`cli.py`; docs/reliability.md): 0 done; 1 a mistake the user can fix (its one
+sentence alone on stderr); 70 an unexpected crash (traceback, then one sentence); 75
+(EX_TEMPFAIL) stopped with nothing lost: training saves its current step on SIGTERM
+(preemption) or Ctrl-C, sampling and evaluation keep their finished chunks and progress, and a
+full disk leaves the previous checkpoint: rerun the same command to continue. The launch scripts'
+loop reruns on 75 and on crashes, and stops on 0 and 1. The console is `cli.py`'s.
 """
 import os
 
@@ -30,7 +31,7 @@ from absl import app, flags, logging
 from ddpm_jax import cli, evaluation, follower, inference as inference_lib, parallel, sample_job
 from ddpm_jax import train, xla_flags
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL from sysexits.h: try again (the launch scripts' retry loop)
+EXIT_PREEMPTED = cli.EXIT_STOPPED  # 75, EX_TEMPFAIL: try again (the launch scripts' retry loop)
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, summaries, samples and metrics.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'all'],
@@ -85,6 +86,7 @@ def main(argv) -> None:
   tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only; JAX owns accelerators
   parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                       timeout_s=_COORDINATOR_TIMEOUT.value)
+  parallel.check_same_config(cli.CONFIG.value, mode=_MODE.value, workdir=_WORKDIR.value)
   logging.info('JAX process %d of %d, %d local and %d global devices.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   hint = parallel.unused_accelerator_hint(jax.default_backend(), jax.config.jax_platforms or '')

@@ -2,11 +2,13 @@
 
 The same code runs on one CPU, eight TPU cores or a pod: arrays are global `jax.Array`s, the
 batch is sharded over `data` and the parameters are replicated; `jax.jit` inserts the
-collectives. Multi-process runs start with `initialize`.
+collectives. Multi-process runs start with `initialize`, then `check_same_config`: every process
+must run the same config and flags, or all of them stop with one sentence.
 """
 import contextlib
 import glob
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -222,3 +224,52 @@ def agree_with_process_0(x: np.ndarray) -> np.ndarray:
     return x
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+def _flat(tree, prefix: str = '') -> dict:
+  """{'optim.learning_rate': 0.0002, ...}: the leaves of nested dicts, in their order."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def _first_difference(mine: dict, theirs: dict):
+  """(key, mine, theirs) at the first key whose values differ (or that one lacks), else None."""
+  for key in list(mine) + [k for k in theirs if k not in mine]:
+    if mine.get(key, '<missing>') != theirs.get(key, '<missing>'):
+      return key, mine.get(key, '<missing>'), theirs.get(key, '<missing>')
+  return None
+
+
+def check_same_config(config, **flags) -> None:
+  """A UserError on every process unless every process runs process 0's config and `flags`.
+
+  Before anything runs, each process's config and flags (say --mode and --workdir) go to every
+  process as canonical JSON (two small all-gathers: the lengths, then the bytes), so every
+  process names the same first difference: the first process that differs from process 0, and
+  the first field (flags first, then the config's fields in sorted order). Without it, processes
+  with another learning rate trained apart while their 'replicated' parameters diverged, and a
+  shape-changing difference aborted every process inside a collective (status 134).
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  mine = {**{f'--{name}': value for name, value in flags.items()}, **_flat(config.to_dict())}
+  data = json.dumps(mine, default=repr).encode()
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32)))
+  lengths = lengths.reshape(-1)
+  padded = np.frombuffer(data.ljust(int(lengths.max()), b' '), np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  settings = [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]
+  for process, theirs in enumerate(settings[1:], start=1):
+    difference = _first_difference(settings[0], theirs)
+    if difference is not None:
+      key, first, other = difference
+      name = key if key.startswith('--') else f'--config.{key}'
+      raise UserError(f'Process {process} was started with {name}={json.dumps(other)} but '
+                      f'process 0 with {name}={json.dumps(first)}; start every process with the '
+                      f'same --config file, --config.* overrides, --mode and --workdir.')

@@ -81,8 +81,8 @@ def check_settings(num_timesteps: int, *, sampler: str, num_steps: int, eta: flo
   if not 0 <= num_steps <= num_timesteps:
     raise UserError(f'sampling.num_steps must be in [0, {num_timesteps}] (0 runs all '
                     f'diffusion.num_timesteps={num_timesteps} steps), got {num_steps}.')
-  if eta < 0:
-    raise UserError(f'sampling.eta must be at least 0 (0: deterministic DDIM, 1: the posterior '
+  if not 0 <= eta <= 1:
+    raise UserError(f'sampling.eta must be in [0, 1] (0: deterministic DDIM, 1: the posterior '
                     f'variance), got {eta}.')
   if eta != 0 and sampler != 'ddim':
     raise UserError(f"sampling.eta={eta} is DDIM's; set sampling.sampler='ddim' to use it, or "

@@ -94,7 +94,7 @@ def train_and_evaluate(config, workdir, *, mesh: Optional[Mesh] = None,
   if config.training.eval_every:
     evaluation.check_can_evaluate(config, mesh)
   with workdir_lock.hold(workdir):  # checks that the workdir can be written first
-    manager = checkpointing.create_manager(workdir, config.training)
+    manager = checkpointing.create_manager(workdir, config.training, trained_as=config)
     input_pipeline.num_examples(config, 'train')  # then the data (cached), before the model
     writer = _create_writer(workdir)
     try:

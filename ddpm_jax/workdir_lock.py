@@ -55,13 +55,32 @@ def _holder_runs(holder: dict) -> bool:
   return True
 
 
+def _is_lock(holder) -> bool:
+  """Whether parsed JSON is a lock as `_this_process` writes it (host, pid, start, heartbeat)."""
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  return (isinstance(holder, dict) and isinstance(holder.get('host'), str)
+          and isinstance(holder.get('pid'), int) and not isinstance(holder['pid'], bool)
+          and holder['pid'] > 0 and isinstance(holder.get('start'), (str, type(None)))
+          and number(holder.get('heartbeat', 0)))
+
+
 def _read_lock(path: epath.Path) -> Optional[dict]:
+  """The lock in `path`; None if there is none; {'unreadable': why} for anything that is not a
+  lock (half written, garbage, or JSON of another shape): no live trainer leaves it so."""
   try:
-    return json.loads(path.read_text())
+    text = path.read_text()
   except FileNotFoundError:
     return None
-  except (ValueError, OSError):  # half written, or garbage: no live trainer left it like that
-    return {}
+  except OSError as error:
+    return {'unreadable': errors.one_line(error)}
+  try:
+    holder = json.loads(text)
+  except ValueError:
+    holder = None
+  if not _is_lock(holder):
+    excerpt = ' '.join(text.split())
+    return {'unreadable': f'{excerpt[:80]}{"..." if len(excerpt) > 80 else ""}'}
+  return holder
 
 
 def _acquire(workdir) -> epath.Path:
@@ -69,12 +88,16 @@ def _acquire(workdir) -> epath.Path:
   path = epath.Path(workdir) / LOCK
   holder = _read_lock(path)
   if holder is not None:
-    if holder and _holder_runs(holder):
+    if 'unreadable' in holder:
+      logging.warning('Taking over %s, which is not a trainer\'s lock (%s).', path,
+                      holder['unreadable'])
+    elif _holder_runs(holder):
       raise UserError(f'Another trainer (pid {holder["pid"]} on {holder["host"]}) is using '
                       f'--workdir={workdir}; wait for it to finish, stop it, or pass another '
                       f'--workdir.')
-    logging.warning('Taking over %s from a trainer that no longer runs (%s).', path,
-                    f'pid {holder["pid"]} on {holder["host"]}' if holder else 'unreadable')
+    else:
+      logging.warning('Taking over %s from a trainer that no longer runs (pid %d on %s).', path,
+                      holder['pid'], holder['host'])
     path.unlink(missing_ok=True)
   draft = _lock_draft(path)
   if '://' in os.fspath(workdir):

@@ -18,9 +18,13 @@ from typing import List, NoReturn, Optional, Sequence, Tuple, Union
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 USAGE_ERROR = 2  # exit status for bad input, as argparse uses
-# ddpm_jax.main's exit statuses (its docstring): 1 for a mistake to fix (rerunning cannot help),
-# 75 (EX_TEMPFAIL) when SIGTERM or Ctrl-C stopped training after it saved (a rerun resumes).
+# ddpm_jax.main's exit statuses (ddpm_jax/cli.py, docs/reliability.md): 1 for a mistake to fix
+# (rerunning cannot help); 70 (EX_SOFTWARE) for an unexpected crash (worth a few retries);
+# 75 (EX_TEMPFAIL) when it stopped with nothing lost: preemption (SIGTERM), Ctrl-C or a full
+# disk, after the last checkpoint was safe (a rerun resumes). A process killed by a signal
+# (128 + N: 137 out of memory, 134 an abort) counts as a crash.
 MISTAKE = 1
+CRASH = 70
 PREEMPTED = 75
 
 Command = Union[List[str], str]  # argv, or a line for `bash -c`
@@ -180,9 +184,9 @@ def retry_loop(train_command: str, status_file: str, max_restarts: int,
   """A bash loop that reruns `train_command` until it exits 0, or 1 (a mistake to fix).
 
   Every rerun is the same command, so it resumes from the latest checkpoint in the workdir.
-  After a preemption (exit status 75) it always reruns; after a crash (any other status) at
-  most `max_restarts` times. The final word, `done` or `failed`, goes to `status_file` (a path
-  already shell-ready).
+  After exit status 75 (preempted, interrupted, or a full disk) it always reruns; after a crash
+  (70, or any other status) at most `max_restarts` times. The final word, `done` or `failed`,
+  goes to `status_file` (a path already shell-ready).
   """
   return (
       f'export PYTHONUNBUFFERED=1; rm -f {status_file}; runs=0; restarts=0; '
@@ -197,9 +201,11 @@ def retry_loop(train_command: str, status_file: str, max_restarts: int,
       f'else if [ "$restarts" -ge {max_restarts} ]; then '
       f'echo "[launch] exit status $rc after {max_restarts} restarts: giving up"; '
       f'echo failed > {status_file}; exit "$rc"; fi; '
-      f'restarts=$((restarts + 1)); '
-      f'echo "[launch] exit status $rc: restart $restarts/{max_restarts} in {restart_delay_s}s, '
-      f'resuming from the latest checkpoint"; fi; sleep {restart_delay_s}; done')
+      f'restarts=$((restarts + 1)); what=""; '
+      f'if [ "$rc" -eq {CRASH} ]; then what=" (crashed)"; fi; '
+      f'echo "[launch] exit status $rc$what: restart $restarts/{max_restarts} in '
+      f'{restart_delay_s}s, resuming from the latest checkpoint"; fi; '
+      f'sleep {restart_delay_s}; done')
 
 
 def stop_job(pid_file: str) -> str:
@@ -242,9 +248,9 @@ def add_follow_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_retry_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--max-restarts', type=nonnegative_int, default=10,
-                      help='reruns after a crash before giving up; preemptions (exit status '
-                           f'{PREEMPTED}) always rerun, mistakes (exit status {MISTAKE}) never '
-                           '(default: %(default)s)')
+                      help=f'reruns after a crash (exit status {CRASH}, or killed by a signal) '
+                           f'before giving up; preemptions (exit status {PREEMPTED}) always '
+                           f'rerun, mistakes (exit status {MISTAKE}) never (default: %(default)s)')
   parser.add_argument('--restart-delay', type=nonnegative_int, default=60, metavar='SECONDS',
                       help='pause before a rerun (default: %(default)s)')
 

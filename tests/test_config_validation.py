@@ -80,7 +80,15 @@ BAD_FIELDS = [
     ('sampling.sampler', 'ddpm', "use one of 'ancestral', 'ddim', 'dpmpp_2m', 'dpmpp_3m'."),
     ('sampling.spacing', 'linear', "use one of 'uniform', 'quadratic', 'linspace', 'trailing'."),
     ('sampling.num_steps', -1, 'or 0 for all diffusion.num_timesteps steps.'),
-    ('sampling.eta', -0.5, 'use a number >= 0.'),
+    ('sampling.eta', -0.5, 'use a number in [0, 1].'),
+    # Issue 21: eta beyond DDIM's range, and sample names that would leave samples/.
+    ('sampling.eta', 50.0, 'use a number in [0, 1].'),
+    ('sampling.name', '../../../x', 'use a plain file name'),
+    ('sampling.name', '/tmp/x', 'use a plain file name'),
+    ('sampling.name', 'a/b', 'use a plain file name'),
+    ('sampling.name', '..', 'use a plain file name'),
+    ('sampling.name', '.hidden', 'use a plain file name'),
+    ('sampling.name', 'x' * 101, 'use a plain file name'),
 ]
 
 
@@ -142,6 +150,19 @@ def test_a_bad_combination_is_one_sentence_naming_both_fields(overrides, expecte
     _with(config, field, value)
   with pytest.raises(UserError, match=re.escape(expected)):
     config_validation.validate(config)
+
+
+def test_eta_beyond_one_is_refused_by_the_sampler_too():
+  from ddpm_jax import sampling
+  with pytest.raises(UserError, match=re.escape('sampling.eta must be in [0, 1]')):
+    sampling.check_settings(40, sampler='ddim', num_steps=10, eta=50., spacing='uniform')
+  sampling.check_settings(40, sampler='ddim', num_steps=10, eta=1., spacing='uniform')
+
+
+def test_plain_sample_names_are_allowed():
+  config = tiny_digits_config()
+  for name in ('samples', 'fid-50k', 'run_2.ema', 'A1'):
+    config_validation.validate(_with(config, 'sampling.name', name))
 
 
 def test_zero_means_off_where_the_loop_has_a_use_for_it():

@@ -95,6 +95,14 @@ def test_tf_import_takes_adam_moments_and_the_step(tf_cifar10):
   assert state['rng'].shape == (2,)
 
 
+def test_an_imported_checkpoint_records_what_it_is_trained_as(tf_cifar10):
+  """Issue 21: what `--mode=sample|eval` and resumed training compare their config with."""
+  from ddpm_jax import checkpoint_settings
+  _, config, _, _, workdir = tf_cifar10
+  assert checkpointing.trained_as(workdir, MAKE_TF.GLOBAL_STEP) == (
+      checkpoint_settings.record(config), 'convert')
+
+
 def test_a_converted_workdir_resumes_training_and_samples(tf_cifar10):
   _, config, _, _, workdir = tf_cifar10
   config = config.copy_and_resolve_references()
@@ -105,7 +113,7 @@ def test_a_converted_workdir_resumes_training_and_samples(tf_cifar10):
   finally:
     manager.close()
   assert int(state.step) == MAKE_TF.GLOBAL_STEP
-  config.diffusion.num_timesteps = 3
+  config.sampling.num_steps = 3  # the imported model's 1000-step chain, respaced (T is its own)
   config.sampling.num_samples = config.sampling.batch_size = 8
   paths = sample_job.sample_from_workdir(config, workdir)
   samples = np.load(paths['samples_npz'])['samples']
@@ -255,3 +263,112 @@ def test_cli_imports_and_refuses(tmp_path):
                          text=True, check=False, timeout=600)
   assert again.returncode == 1
   assert again.stderr.strip().splitlines()[-1].endswith('(nothing was overwritten).')
+
+
+# Issue 21: damaged sources, odd diffusers configs, leftovers of a killed import, SIGTERM.
+
+@pytest.mark.parametrize('damage,fragment', [
+    ('truncated', 'is damaged'), ('checksum', 'Checksum does not match'), ('nan', 'NaN')])
+def test_a_damaged_or_non_finite_tf_checkpoint_is_one_sentence(tf_cifar10, tmp_path,
+                                                               monkeypatch, damage, fragment):
+  _, config, manifest, prefix, _ = tf_cifar10
+  if damage == 'nan':
+    value = MAKE_TF.variable_value
+    monkeypatch.setattr(MAKE_TF, 'variable_value', lambda name, shape, dtype: (
+        np.full(shape, np.nan, dtype) if name == 'model/conv_out/W/ExponentialMovingAverage'
+        else value(name, shape, dtype)))
+    source = _tf_checkpoint(tmp_path / 'nan', manifest)
+  else:
+    shutil.copytree(os.path.dirname(prefix), tmp_path / 'damaged')
+    source = str(tmp_path / 'damaged' / os.path.basename(prefix))
+    data = tmp_path / 'damaged' / (os.path.basename(prefix) + '.data-00000-of-00001')
+    raw = bytearray(data.read_bytes())
+    if damage == 'truncated':
+      raw = raw[:len(raw) // 2]
+    else:
+      raw[1000::5000] = bytes(b ^ 0xff for b in raw[1000::5000])
+    data.write_bytes(bytes(raw))
+  _assert_refused(config, tmp_path / 'workdir', source, fragment, source)
+
+
+@pytest.mark.parametrize('edit,fragment', [
+    (lambda c: [c], 'is not a JSON object'),
+    (lambda c: {**c, 'block_out_channels': [0, 0, 0, 0]}, 'block_out_channels=[0, 0, 0, 0]'),
+    (lambda c: {**c, 'block_out_channels': []}, 'block_out_channels=[]'),
+    (lambda c: {**c, 'sample_size': '32'}, "sample_size='32'"),
+    (lambda c: {**c, 'layers_per_block': 0}, 'layers_per_block=0'),
+    (lambda c: {**c, 'down_block_types': 'DownBlock2D'}, 'down_block_types='),
+    (lambda c: {**c, 'norm_num_groups': None}, 'norm_num_groups=None'),
+])
+def test_a_diffusers_config_of_the_wrong_shape_is_one_sentence(tmp_path, edit, fragment):
+  _, config, folder = _diffusers_folder(tmp_path)
+  path = os.path.join(folder, 'unet', 'config.json')
+  with open(path, encoding='utf-8') as f:
+    unet_config = json.load(f)
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(edit(unet_config), f)
+  _assert_refused(config, tmp_path / 'workdir', folder, fragment, path)
+
+
+def test_a_scheduler_config_that_is_a_list_is_one_sentence(tmp_path):
+  _, config, folder = _diffusers_folder(tmp_path)
+  path = os.path.join(folder, 'scheduler', 'scheduler_config.json')
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump([1, 2], f)
+  _assert_refused(config, tmp_path / 'workdir', folder, 'is not a JSON object', path)
+
+
+def test_the_leftover_of_a_killed_import_is_named_then_cleaned(tmp_path, caplog):
+  _, config, folder = _diffusers_folder(tmp_path)
+  workdir = tmp_path / 'workdir'
+  leftover = workdir / 'checkpoints' / '0.orbax-checkpoint-tmp-1712345678'
+  (leftover / 'default').mkdir(parents=True)
+  (leftover / 'default' / 'manifest.ocdbt').write_bytes(b'half')
+  template = weight_names.unflatten({p: np.zeros(s, np.float32)
+                                     for p, s in weight_names.param_shapes(config).items()})
+  with pytest.raises(UserError) as error:  # what --mode=sample says meanwhile
+    checkpointing.restore_ema_params(str(workdir), template)
+  assert str(leftover) in str(error.value) and 'never completed' in str(error.value)
+  with caplog.at_level('WARNING'):
+    assert convert.import_checkpoint(config, str(workdir), folder) == 0
+  assert f'Removed {leftover}' in caplog.text
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['0']
+
+
+def test_sigterm_while_reading_writes_nothing_and_during_the_write_finishes_it(
+    tmp_path, monkeypatch, caplog):
+  import signal
+  _, config, folder = _diffusers_folder(tmp_path)
+  read = convert.read_weights
+
+  def read_then_sigterm(*args):
+    weights = read(*args)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return weights
+  monkeypatch.setattr(convert, 'read_weights', read_then_sigterm)
+  workdir = tmp_path / 'stopped'
+  with pytest.raises(convert.errors.Interrupted) as stopped:
+    convert.run(config, str(workdir), from_path=folder)
+  assert str(stopped.value) == (
+      f'Stopped by SIGTERM before anything was written: {workdir} holds no checkpoint; rerun '
+      f'the same command to import {folder}.')
+  assert not (workdir / 'checkpoints').exists() or not os.listdir(workdir / 'checkpoints')
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+  monkeypatch.setattr(convert, 'read_weights', read)
+  save = checkpointing.save
+
+  def save_then_sigterm(*args, **kwargs):
+    save(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+  monkeypatch.setattr(checkpointing, 'save', save_then_sigterm)
+  workdir = tmp_path / 'finished'
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    convert.run(config, str(workdir), from_path=folder)  # the write finishes: status 0
+  assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == [
+      f'SIGTERM arrived while the checkpoint was being written; it was completed first: '
+      f'{checkpointing.checkpoint_dir(workdir)}/0 holds all of {folder}.']
+  assert os.listdir(workdir / 'checkpoints') == ['0']
+  assert int(checkpointing.restore_state_dict(str(workdir))['step']) == 0
+

@@ -135,6 +135,105 @@ def test_read_torch_file_refuses_other_classes_and_bad_strides():
     torch_file._Tensor(storage, 1, (2, 2), (2, 1)).to_numpy(np.zeros(4, np.float32))
 
 
+def _torch_zip(tensors, *, storage_bytes=None, pickle_bytes=None, compress=False) -> bytes:
+  """A torch.save zip holding {name: (storage numel, offset, size, stride)} of float32 zeros,
+  pickled as torch does (through stand-ins for torch's classes); `storage_bytes`/`pickle_bytes`
+  replace what the archive holds for storage '0' / data.pkl."""
+  import collections, io, sys, types, zipfile
+  torch_module, utils_module = types.ModuleType('torch'), types.ModuleType('torch._utils')
+  storage_type = type('FloatStorage', (), {'__module__': 'torch'})
+  def rebuild(*args):
+    del args
+  rebuild.__module__, rebuild.__qualname__ = 'torch._utils', '_rebuild_tensor_v2'
+  torch_module.FloatStorage, utils_module._rebuild_tensor_v2 = storage_type, rebuild
+
+  class Storage:
+    def __init__(self, key, numel):
+      self.key, self.numel = key, numel
+
+  class Tensor:
+    def __init__(self, *args):
+      self.args = args
+
+    def __reduce__(self):
+      return rebuild, self.args
+
+  class Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+      if isinstance(obj, Storage):
+        return ('storage', storage_type, obj.key, 'cpu', obj.numel)
+      return None
+
+  state, storages = collections.OrderedDict(), {}
+  for i, (name, (numel, offset, size, stride)) in enumerate(tensors.items()):
+    storages[str(i)] = numel
+    state[name] = Tensor(Storage(str(i), numel), offset, size, stride, False,
+                         collections.OrderedDict())
+  buffer = io.BytesIO()
+  saved = {k: sys.modules.get(k) for k in ('torch', 'torch._utils')}
+  sys.modules.update({'torch': torch_module, 'torch._utils': utils_module})
+  try:
+    Pickler(buffer, protocol=2).dump(state)
+  finally:
+    for k, v in saved.items():
+      sys.modules.pop(k) if v is None else sys.modules.__setitem__(k, v)
+  out = io.BytesIO()
+  method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+  with zipfile.ZipFile(out, 'w', method) as archive:
+    archive.writestr('archive/data.pkl', buffer.getvalue() if pickle_bytes is None
+                     else pickle_bytes)
+    for key, numel in storages.items():
+      data = storage_bytes if storage_bytes is not None and key == '0' else bytes(4 * numel)
+      archive.writestr(f'archive/data/{key}', data)
+  return out.getvalue()
+
+
+def test_a_hostile_torch_file_is_refused_before_it_allocates():
+  """Issue 21: a stride-0 tensor over a 1-element storage, more elements than the storage,
+  overlapping strides, and zip entries larger than the pickle declares."""
+  import time, tracemalloc
+  np.testing.assert_array_equal(  # a transposed view reads as torch has it
+      torch_file.read_torch_file(_torch_zip({'w': (6, 0, (3, 2), (1, 3))}))['w'],
+      np.zeros((3, 2), np.float32))
+  cases = {
+      'stride 0': (_torch_zip({'w': (1, 0, (512, 1024, 1), (0, 0, 0))}), 'more elements'),
+      'stride 0, small': (_torch_zip({'w': (4, 0, (2, 2), (0, 1))}), 'overlap'),
+      'more elements': (_torch_zip({'w': (4, 0, (4, 4), (4, 1))}), 'more elements'),
+      'overlapping strides': (_torch_zip({'w': (4, 0, (2, 2), (1, 1))}), 'overlap'),
+      'negative size': (_torch_zip({'w': (4, 0, (-2, 2), (2, 1))}), 'shape'),
+      'storage bigger than declared': (
+          _torch_zip({'w': (1, 0, (1,), (1,))}, storage_bytes=bytes(4 << 20)), 'more bytes'),
+      'storage cut short': (
+          _torch_zip({'w': (8, 0, (8,), (1,))}, storage_bytes=bytes(4)), 'declares'),
+      'storage beyond the file': (
+          _torch_zip({'w': (1 << 40, 0, (1,), (1,))}, storage_bytes=bytes(4)), 'more bytes'),
+      'compressed storage': (_torch_zip({'w': (64 << 20, 0, (1,), (1,))}, compress=True),
+                             'more bytes'),
+      'compressed pickle': (_torch_zip({}, compress=True, pickle_bytes=bytes(64 << 20)),
+                            'more bytes'),
+  }
+  for case, (data, fragment) in cases.items():
+    tracemalloc.start()
+    start = time.time()
+    try:
+      with pytest.raises(torch_file.TorchFileError, match=fragment):
+        torch_file.read_torch_file(data)
+      peak = tracemalloc.get_traced_memory()[1]
+    finally:
+      tracemalloc.stop()
+    assert peak < 2 * len(data) + (1 << 20), (case, peak)
+    assert time.time() - start < 5, case
+
+
+def test_a_hostile_pt_inception_is_one_sentence(tmp_path):
+  path = tmp_path / 'hostile.pth'
+  path.write_bytes(_torch_zip({'fc.weight': (1, 0, (16384, 32768, 1), (0, 0, 0))}))
+  with pytest.raises(UserError, match=f'{path} is not pytorch-fid') as error:
+    inception_weights.load_inception_params(str(path), cache=str(tmp_path / 'cache'))
+  assert 'more elements (536870912) than its storage (1)' in str(error.value)
+  assert '\n' not in str(error.value)
+
+
 def test_pytorch_fid_state_dict_maps_onto_the_network():
   shapes = inception.param_shapes(with_fc=True)
   rng = np.random.default_rng(5)

@@ -604,6 +604,22 @@ def test_retry_loop_resumes_preemptions_and_stops_on_a_mistake(tmp_path):
   assert 'exit status 1: fix the command or the config; not restarting' in result.stdout
 
 
+def test_retry_loop_reruns_crashes_of_status_70_up_to_max_restarts(tmp_path):
+  """Issue 21: ddpm_jax exits 70 (EX_SOFTWARE) on an unexpected crash, where every uncaught
+  exception used to exit 1, the status that stops the loop."""
+  (tmp_path / 'recovers').mkdir()
+  result, runs = _run_retry_loop(tmp_path / 'recovers', [70, 137, 0])
+  assert result.returncode == 0 and runs == 3, result.stdout
+  assert 'exit status 70 (crashed): restart 1/2' in result.stdout
+  assert 'exit status 137: restart 2/2' in result.stdout
+  (tmp_path / 'repeats').mkdir()
+  result, runs = _run_retry_loop(tmp_path / 'repeats', [70, 70, 70, 0])
+  assert result.returncode == 70 and runs == 3
+  assert 'exit status 70 after 2 restarts: giving up' in result.stdout
+  help_text = launch('gpu.py', 'start', '--help').stdout
+  assert 'crash (exit status 70' in ' '.join(help_text.split())
+
+
 def test_gpu_logs_and_stop_dry_run(tmp_path):
   logs = launch('gpu.py', 'logs', '--dry-run', f'--log-dir={tmp_path}', '--name=c10').stdout
   assert shlex.split(logs) == ['tail', '-n', '200', '-F', f'{tmp_path}/c10.log']

@@ -80,6 +80,28 @@ def test_sigterm_to_both_processes_saves_one_step_and_exits_75(tmp_path):
   assert saved[0] == saved[1] == checkpoint_steps(workdir)[-1] > 4
 
 
+@pytest.mark.slow
+def test_processes_started_with_other_settings_stop_with_one_sentence(tmp_path):
+  """Issue 21: the second process with another learning rate and seed trained apart (both
+  exited 0, their 'replicated' parameters diverging); now each process names the first
+  difference before anything runs, and exits 1."""
+  port = _free_port()
+  processes = []
+  for i, extra in enumerate([(), ('--config.optim.learning_rate=0.01', '--config.seed=7')]):
+    command = tiny_train_command(tmp_path / 'workdir', {}, f'--coordinator_address=127.0.0.1:'
+                                 f'{port}', '--num_processes=2', f'--process_id={i}', *extra)
+    with open(tmp_path / f'{i}.log', 'w') as log:
+      processes.append(subprocess.Popen(command, cwd=ROOT, env=ENV, stderr=log))
+  logs = _wait(processes, tmp_path, status=1)
+  for log in logs:
+    assert 'Traceback' not in log, log[-3000:]
+    assert log.strip().splitlines()[-1] == (
+        'Process 1 was started with --config.optim.learning_rate=0.01 but process 0 with '
+        '--config.optim.learning_rate=0.001; start every process with the same --config file, '
+        '--config.* overrides, --mode and --workdir.')
+  assert not (tmp_path / 'workdir' / 'checkpoints').exists()
+
+
 def _start_alone(tmp_path, process_id: int, port: int) -> subprocess.Popen:
   """One process of a 2-process job whose other process never starts; a 3 s timeout."""
   command = tiny_train_command(tmp_path / f'workdir_{process_id}', {},

@@ -102,7 +102,8 @@ def test_bad_input_is_one_clear_sentence(trained_digits, tmp_path):
     sample_job.sample_from_workdir(config, str(tmp_path))
   other = tiny_digits_config()
   other.model.ch = 64
-  with pytest.raises(UserError, match='different config'):
+  with pytest.raises(UserError, match='was trained with model.ch=32, but the config has '
+                                     'model.ch=64'):
     sample_job.sample_from_workdir(other, workdir)
   config = copy.deepcopy(config)
   config.sampling.num_samples = 0

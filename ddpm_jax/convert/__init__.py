@@ -12,14 +12,24 @@ folder. It becomes an ordinary training checkpoint `DIR/checkpoints/<step>/`: `p
 weights, `ema_params` the EMA weights (diffusers models have one set: both), `step` TF's
 `global_step` (0 for diffusers), Adam's moments from TF's slots when every variable has them
 (otherwise a fresh optimizer state) and a fresh `rng`; `--mode=sample|eval` and resumed training
-use it as they would one of their own. `--to_diffusers=OUT` writes the EMA weights of the newest
-checkpoint (or `--config.sampling.step`) as a `DDPMPipeline` folder, local or gs://. Bad input (a
+use it as they would one of their own. The checkpoint is written as training writes its own
+(Orbax: into a temporary folder, renamed when complete), so nothing partial is ever taken for a
+checkpoint; a partial one that a killed import left is removed by the next import (with a
+warning naming it) and named by the sample and eval jobs' "no checkpoint" sentence. SIGTERM
+or Ctrl-C before the write stops at once with nothing written (status 75, rerun the same
+command); during the write, the write is completed first and a warning says so.
+
+`--to_diffusers=OUT` writes the EMA weights of the newest checkpoint (or
+`--config.sampling.step`) as a `DDPMPipeline` folder, local or gs://. Bad input (a
 PATH that is neither format, weights that do not fit the config's model, a workdir that already
 has a checkpoint, an OUT that is not empty) is one sentence on stderr, exit status 1, nothing
 written.
 """
+import contextlib
 import os
-from typing import Optional
+import signal
+import threading
+from typing import Iterator, Optional
 
 import flax.serialization
 import jax
@@ -29,16 +39,48 @@ import optax
 from absl import logging
 from etils import epath
 
-from ddpm_jax import checkpointing, train_step
+from ddpm_jax import checkpointing, errors, train_step
 from ddpm_jax.convert import diffusers, names, tf
 from ddpm_jax.errors import UserError
 
 
 def _check_no_checkpoint(workdir) -> None:
+  """A UserError if WORKDIR has a checkpoint; partial ones of killed runs are removed."""
   directory = checkpointing.checkpoint_dir(workdir)
+  for leftover in checkpointing.unfinished_saves(workdir):
+    leftover.rmtree()
+    logging.warning('Removed %s, the partial checkpoint of an import or save that never '
+                    'completed.', leftover)
   if directory.exists() and any(directory.iterdir()):
     raise UserError(f'{directory} already holds checkpoints; import into an empty --workdir '
                     f'(nothing was overwritten).')
+
+
+@contextlib.contextmanager
+def _signals_stop_before_writing(workdir, path: str) -> Iterator[dict]:
+  """Yields {'writing': False, 'received': ''}. SIGTERM or Ctrl-C raises `errors.Interrupted`
+  while 'writing' is False; once it is True, they only set 'received' to the signal's name and
+  the write finishes (a half-written checkpoint would be of no use)."""
+  state = {'writing': False, 'received': ''}
+  if threading.current_thread() is not threading.main_thread():  # signals reach the main thread
+    yield state
+    return
+
+  def on_signal(signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if state['writing']:
+      state['received'] = state['received'] or name
+      return
+    raise errors.Interrupted(f'Stopped by {name} before anything was written: {workdir} holds '
+                             f'no checkpoint; rerun the same command to import {path}.')
+
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield state
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def read_weights(config, path: str) -> names.Weights:
@@ -76,16 +118,27 @@ def train_state(config, weights: names.Weights) -> train_step.TrainState:
 
 def import_checkpoint(config, workdir, path: str) -> int:
   """Writes the weights at `path` as WORKDIR's checkpoint; returns its step."""
-  _check_no_checkpoint(workdir)
-  state = train_state(config, read_weights(config, path))
-  step = int(state.step)
-  manager = checkpointing.create_manager(workdir, config.training)
-  try:
-    checkpointing.save(manager, step, flax.serialization.to_state_dict(state))
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-  logging.info('Wrote %s/%d from %s.', checkpointing.checkpoint_dir(workdir), step, path)
+  with _signals_stop_before_writing(workdir, path) as stop:
+    _check_no_checkpoint(workdir)
+    logging.info('Importing %s into %s.', path, checkpointing.checkpoint_dir(workdir))
+    state = train_state(config, read_weights(config, path))
+    step = int(state.step)
+    manager = checkpointing.create_manager(workdir, config.training, trained_as=config,
+                                           written_by='convert')
+    stop['writing'] = True
+    try:
+      checkpointing.save(manager, step, flax.serialization.to_state_dict(state))
+    except checkpointing.NonFiniteError as error:
+      raise UserError(f'The weights at {path} hold NaN or infinite values ({error}); they '
+                      f'cannot be imported.') from None
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+  written = f'{checkpointing.checkpoint_dir(workdir)}/{step}'
+  if stop['received']:
+    logging.warning('%s arrived while the checkpoint was being written; it was completed '
+                    'first: %s holds all of %s.', stop['received'], written, path)
+  logging.info('Wrote %s from %s.', written, path)
   return step
 
 
@@ -99,7 +152,7 @@ def export_diffusers(config, workdir, out: str) -> str:
   template = names.unflatten({p: np.zeros(s, np.float32) for p, s in shapes.items()})
   step = config.sampling.step
   found, ema_params = checkpointing.restore_ema_params(workdir, template,
-                                                       None if step < 0 else step)
+                                                       None if step < 0 else step, config=config)
   diffusers.write(out, config, names.flatten(ema_params))
   logging.info('Wrote the EMA weights of step %d to %s.', found, out)
   return out

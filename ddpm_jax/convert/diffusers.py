@@ -63,15 +63,73 @@ def find_model(path: str) -> Optional[tuple[str, Optional[str]]]:
 
 
 def _read_required_json(path: str) -> dict:
+  """The JSON object in `path`; a UserError if it cannot be read or is not an object."""
   try:
     with open(path, encoding='utf-8') as f:
-      return json.load(f)
+      content = json.load(f)
   except (OSError, ValueError) as error:
     raise UserError(f'Cannot read {path} ({error}); check the diffusers folder.') from error
+  if not isinstance(content, dict):
+    raise UserError(f'{path} is not a JSON object (it holds a {type(content).__name__}); check '
+                    f'the diffusers folder.')
+  return content
 
 
-def _unet_fields(unet: dict, config) -> dict:
+def _is_count(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_size(value) -> bool:
+  return value is None or _is_count(value) or (
+      isinstance(value, list) and len(value) in (1, 2) and all(map(_is_count, value)))
+
+
+# What a UNet2DModel config.json's values must be for `_unet_fields` to read them.
+_UNET_TYPES = {
+    'block_out_channels': (lambda v: isinstance(v, list) and bool(v) and all(map(_is_count, v)),
+                           'a non-empty list of positive integers'),
+    'down_block_types': (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                         'a list of block names'),
+    'up_block_types': (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                       'a list of block names'),
+    'layers_per_block': (_is_count, 'a positive integer'),
+    'in_channels': (_is_count, 'a positive integer'),
+    'out_channels': (_is_count, 'a positive integer'),
+    'norm_num_groups': (_is_count, 'a positive integer'),
+    'norm_eps': (_is_number, 'a number'),
+    'sample_size': (_is_size, 'a positive integer (or null)'),
+    'attention_head_dim': (lambda v: v is None or _is_count(v) or isinstance(v, list),
+                           'a positive integer, a list of them, or null'),
+    'attn_norm_num_groups': (lambda v: v is None or _is_count(v), 'a positive integer or null'),
+    'time_embedding_dim': (lambda v: v is None or _is_count(v), 'a positive integer or null'),
+}
+_SCHEDULER_TYPES = {
+    'num_train_timesteps': (_is_count, 'a positive integer'),
+    'beta_start': (_is_number, 'a number'),
+    'beta_end': (_is_number, 'a number'),
+    'trained_betas': (lambda v: v is None or (isinstance(v, list) and all(map(_is_number, v))),
+                      'a list of numbers or null'),
+    'beta_schedule': (lambda v: isinstance(v, str), 'a string'),
+    'variance_type': (lambda v: isinstance(v, str), 'a string'),
+    'prediction_type': (lambda v: isinstance(v, str), 'a string'),
+    'clip_sample': (lambda v: isinstance(v, bool), 'true or false'),
+}
+
+
+def _check_types(content: dict, types: dict, path: str) -> None:
+  """A UserError naming the first key of `content` whose value is not of its kind."""
+  for key, (allows, what) in types.items():
+    if key in content and not allows(content[key]):
+      raise UserError(f'{path} has {key}={content[key]!r}; it must be {what}.')
+
+
+def _unet_fields(unet: dict, config, path: str = 'The diffusers UNet config') -> dict:
   """The ddpm_jax config fields a UNet2DModel config implies; UserError if none can describe it."""
+  _check_types(unet, _UNET_TYPES, path)
   c = {**_UNET_DEFAULTS, **unet}
   for key, (_, ours) in _UNET_FIXED.items():
     value = c.get(key, _UNET_FIXED[key][0])
@@ -263,10 +321,13 @@ def read(path: str, config) -> dict:
   """{flax path: float32 array} of a diffusers folder; a warning line per config difference."""
   from safetensors import SafetensorError, numpy as safetensors_numpy
   unet_dir, scheduler_path = find_model(path)
-  implied = _unet_fields(_read_required_json(os.path.join(unet_dir, 'config.json')), config)
+  unet_json = os.path.join(unet_dir, 'config.json')
+  implied = _unet_fields(_read_required_json(unet_json), config, unet_json)
   _warn_differences(f'The diffusers model {path}', implied, config)
   if scheduler_path:
-    check_scheduler(_read_required_json(scheduler_path), config)
+    scheduler = _read_required_json(scheduler_path)
+    _check_types(scheduler, _SCHEDULER_TYPES, scheduler_path)
+    check_scheduler(scheduler, config)
   weights_path = os.path.join(unet_dir, WEIGHTS)
   if not os.path.exists(weights_path):
     raise UserError(f'{unet_dir} has no {WEIGHTS}; download the safetensors weights of the model '

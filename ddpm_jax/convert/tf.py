@@ -76,6 +76,22 @@ def _split_names(names) -> tuple[set, dict[str, set], list]:
   return variables, slots, others
 
 
+def _read_tensor(reader, prefix: str, name: str, dtype=np.float32) -> np.ndarray:
+  """Variable `name` as `dtype`; a UserError if its bytes are damaged or it is not finite."""
+  import tensorflow as tf
+  try:
+    value = np.asarray(reader.get_tensor(name), dtype)
+  except (tf.errors.OpError, IndexError, ValueError) as error:  # IndexError: a short .data file
+    message = getattr(error, 'message', None) or str(error)
+    raise UserError(f'The TF checkpoint {prefix} is damaged: reading {name} failed '
+                    f'({type(error).__name__}: {" ".join(message.split())[:200]}); download '
+                    f'its .data and .index files again.') from None
+  if not np.isfinite(value).all():
+    raise UserError(f'The TF checkpoint {prefix} holds NaN or infinite values in {name}; it '
+                    f'cannot be imported (take an earlier checkpoint of that run).')
+  return value
+
+
 def read(prefix: str, config) -> names.Weights:
   """The weights of checkpoint `prefix` for the config's model; UserError on any mismatch."""
   import tensorflow as tf
@@ -106,8 +122,7 @@ def read(prefix: str, config) -> names.Weights:
                     config.model.num_groups)
 
   def tensors(suffix=''):
-    return {path: np.asarray(reader.get_tensor(name + suffix), np.float32)
-            for path, name in tf_names.items()}
+    return {path: _read_tensor(reader, prefix, name + suffix) for path, name in tf_names.items()}
 
   params = tensors()
   have_ema = {name in slots[EMA] for name in tf_names.values()}
@@ -122,7 +137,8 @@ def read(prefix: str, config) -> names.Weights:
   with_adam = all(n in slots[ADAM_M] and n in slots[ADAM_V] for n in tf_names.values())
   if not with_adam:
     logging.info('%s lacks Adam slots for some variables; the optimizer starts afresh.', prefix)
-  step = int(reader.get_tensor('global_step')) if 'global_step' in shapes else 0
+  step = (int(_read_tensor(reader, prefix, 'global_step', np.int64)) if 'global_step' in shapes
+          else 0)
   return names.Weights(params=params, ema_params=ema_params,
                        adam_mu=tensors('/' + ADAM_M) if with_adam else None,
                        adam_nu=tensors('/' + ADAM_V) if with_adam else None, step=step)

