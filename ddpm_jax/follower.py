@@ -132,7 +132,7 @@ class _Follower:
     skipped = [s for s in steps[:-1] if s > self.handled
                and not evaluation.is_evaluated(self.config, self.workdir, s)]
     if skipped:
-      logging.info('Skipping the checkpoints of steps %s for the newest, %d (evaluate one later '
+      logging.info('Skipping the older checkpoints %s for the newest, %d (evaluate one later '
                    'with --mode=eval --config.sampling.step=N).',
                    ', '.join(map(str, skipped)), step)
     try:

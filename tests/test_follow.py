@@ -115,7 +115,7 @@ def test_the_follower_takes_the_newest_and_survives_a_deleted_checkpoint(
     assert follower.follow(config, str(workdir), poll_s=1, timeout_s=1)
   assert reads == [30, 20]
   assert 'The checkpoint of step 30 disappeared while it was read' in caplog.text
-  assert 'Skipping the checkpoints of steps 10 for the newest, 20' in caplog.text
+  assert 'Skipping the older checkpoints 10 for the newest, 20' in caplog.text
   assert 'for 1 s (--follow_timeout); stopping.' in caplog.text
   eval_dir = workdir / 'eval'
   assert _evaluated(eval_dir) == [20]
