@@ -14,7 +14,7 @@ Evaluation (--mode=eval, or --mode=eval --follow beside the trainer; docs/evalua
 eval.num_samples=50,000 samples (the paper's protocol) against a fixed random 50,000 of the
 3,033,042 train images. At the paper's 128 samples in 300 s on a v3-8, the 1000-step chain takes
 ~33 h per checkpoint (--config.sampling.sampler=ddim --config.sampling.num_steps=50: ~1.6 h);
-bits/dim (256 images per split, T network passes each) ~20 min a split.
+bits/dim (256 images per split, T network passes each) ~10 min a split.
 """
 from ddpm_jax import default_config
 

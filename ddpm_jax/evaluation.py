@@ -66,6 +66,13 @@ def _on_every_process(flag: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.array([flag]))))
 
 
+def _after_process_0_wrote(name: str) -> None:
+  """Waits until every process is here: then what process 0 wrote before it can be read."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(f'ddpm_jax_{name}')
+
+
 def _read_json_or_none(path: epath.Path):
   """The JSON in `path`; None if there is none or it is damaged (with a warning naming it)."""
   if not path.exists():
@@ -606,6 +613,7 @@ def evaluate(config, workdir, *, mesh=None, inference=None, step: Optional[int] 
                                  batch_size=config.sampling.batch_size,
                                  seed=config.seed + seeds.SAMPLES_OFFSET)
     metrics['sample_seconds'] = time.time() - sample_start
+    _after_process_0_wrote(npz.name)  # `generate` writes the file on process 0 only
     samples = inference_lib.read_samples(npz)
     metrics['digits'] = digits_metrics(config, samples)
     grid = _sample_grid(samples, config.data.image_size)
@@ -616,6 +624,7 @@ def evaluate(config, workdir, *, mesh=None, inference=None, step: Optional[int] 
                                  batch_size=config.sampling.batch_size,
                                  seed=config.seed + seeds.FID_SAMPLES_OFFSET)
     metrics['sample_seconds'] = time.time() - sample_start
+    _after_process_0_wrote(npz.name)
     metrics.update(fid_metrics(config, npz))
     grid = _sample_grid(next(inference_lib.iter_samples(npz, _GRID_SAMPLES)),
                         config.data.image_size)

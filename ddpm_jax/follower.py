@@ -13,6 +13,7 @@ chunks continue where they were.
 """
 import contextlib
 import signal
+import sys
 import threading
 import time
 from typing import Iterator
@@ -78,6 +79,30 @@ def _signals_deferred() -> Iterator[None]:
     raise Stopped(names[0])
 
 
+@contextlib.contextmanager
+def _quiet_abandoned_reads() -> Iterator[None]:
+  """While following, Python prints nothing for the reads Orbax abandoned.
+
+  orbax-checkpoint 0.12.8 (see `checkpointing._quiet_abandoned_reads`): when a checkpoint is
+  deleted while it is read (the trainer's keep policy), `restore` raises and closes its asyncio
+  loop; TensorStore finishes the other reads later, seconds after checkpointing's own filter is
+  gone, and each reports 'Event loop is closed' through sys.unraisablehook: dozens of tracebacks
+  after the follower's one warning. Those reports, and only those, are dropped.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
+
+
 def check_flags(config, *, mode: str, poll_s: int, timeout_s: int) -> None:
   """UserError, one sentence, for --follow flags that cannot work (before anything starts)."""
   if mode != 'eval':
@@ -132,7 +157,7 @@ class _Follower:
     skipped = [s for s in steps[:-1] if s > self.handled
                and not evaluation.is_evaluated(self.config, self.workdir, s)]
     if skipped:
-      logging.info('Skipping the checkpoints of steps %s for the newest, %d (evaluate one later '
+      logging.info('Skipping the older checkpoints %s for the newest, %d (evaluate one later '
                    'with --mode=eval --config.sampling.step=N).',
                    ', '.join(map(str, skipped)), step)
     try:
@@ -172,7 +197,7 @@ def follow(config, workdir, *, poll_s: int = DEFAULT_POLL_S,
                final, sampling.settings(config), poll_s, timeout_s)
   seen, waiting_since = set(), time.monotonic()
   try:
-    with stopping_on_signals():
+    with stopping_on_signals(), _quiet_abandoned_reads():
       while True:
         steps = checkpoint_steps(workdir)
         if set(steps) - seen:

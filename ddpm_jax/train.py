@@ -188,10 +188,13 @@ def _evaluate_saved_step(config, workdir, mesh: Mesh, manager, step: int) -> str
   """training.eval_every: evaluates the checkpoint of `step` as --mode=eval would (the same
   function, on this mesh; nothing of the train state changes). Returns '' when done, else the
   name of the signal (SIGTERM, SIGINT) that stopped it: the checkpoint is saved, and the rerun
-  that resumes from it evaluates it again, continuing the bits/dim and sample files."""
+  that resumes from it evaluates it again, continuing the bits/dim and sample files. The last
+  step's evaluation is not stopped (a stopped run there would look finished): a signal is
+  noted as during training, a second Ctrl-C interrupts."""
   manager.wait_until_finished()  # the evaluation reads the checkpoint written asynchronously
+  stoppable = step < config.training.num_train_steps
   try:
-    with follower.stopping_on_signals():
+    with follower.stopping_on_signals() if stoppable else contextlib.nullcontext():
       evaluation.evaluate(config, workdir, mesh=mesh, step=step)
   except follower.Stopped as stop:
     return stop.signal_name

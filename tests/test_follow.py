@@ -20,9 +20,10 @@ from tests.test_evaluation import _event_values
 
 @pytest.fixture
 def workdir(trained_digits, tmp_path):
-  """A private copy of the trained tiny digits workdir (one checkpoint, step 30)."""
+  """A private copy of the trained tiny digits workdir's checkpoint (step 30), nothing that
+  other tests evaluated there."""
   _, source = trained_digits
-  shutil.copytree(source, tmp_path / 'w')
+  shutil.copytree(os.path.join(source, 'checkpoints'), tmp_path / 'w' / 'checkpoints')
   return tmp_path / 'w'
 
 
@@ -115,7 +116,7 @@ def test_the_follower_takes_the_newest_and_survives_a_deleted_checkpoint(
     assert follower.follow(config, str(workdir), poll_s=1, timeout_s=1)
   assert reads == [30, 20]
   assert 'The checkpoint of step 30 disappeared while it was read' in caplog.text
-  assert 'Skipping the checkpoints of steps 10 for the newest, 20' in caplog.text
+  assert 'Skipping the older checkpoints 10 for the newest, 20' in caplog.text
   assert 'for 1 s (--follow_timeout); stopping.' in caplog.text
   eval_dir = workdir / 'eval'
   assert _evaluated(eval_dir) == [20]
@@ -232,3 +233,21 @@ def test_evaluating_during_training_leaves_training_bit_for_bit_the_same(tmp_pat
   assert _evaluated(eval_dir) == [4, 8]
   assert sorted(_event_values(eval_dir)['bpd_test']) == [4, 8]
   assert not (tmp_path / 'plain' / 'eval').exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_evaluation_in_training_stops_and_the_rerun_evaluates_first(
+    tmp_path, monkeypatch, caplog):
+  config = tiny_digits_config(num_timesteps=20, num_train_steps=8)
+  config.training.update(checkpoint_every=4, eval_every=4)
+  config.eval.bpd_num_images = 8
+  digits_metrics = evaluation.digits_metrics
+  monkeypatch.setattr(evaluation, 'digits_metrics', lambda c, samples: os.kill(
+      os.getpid(), signal.SIGTERM) or digits_metrics(c, samples))
+  with caplog.at_level(logging.WARNING):
+    stopped = train.train_and_evaluate(config, str(tmp_path))
+  assert int(stopped.step) == 4 and not (tmp_path / 'eval' / '4.json').exists()
+  assert 'Stopped by SIGTERM: saved the checkpoint at step 4' in caplog.text
+  monkeypatch.setattr(evaluation, 'digits_metrics', digits_metrics)
+  assert int(train.train_and_evaluate(config, str(tmp_path)).step) == 8
+  assert _evaluated(tmp_path / 'eval') == [4, 8]
