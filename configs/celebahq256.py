@@ -10,6 +10,8 @@ Memory: the paper's batch 64 on a v3-8 is 8 images per 16 GiB core. Compiled on 
 per core at once; with training.grad_accum_steps=4 (the default here: 4 microbatches of 2 per
 core, the same update) 8.1 GB (7.6 GiB, under half of a core).
 Expected result: samples as the paper's Fig. 1/3 (the paper reports no CelebA-HQ FID).
+Evaluation: no held-out split (eval_split='train'), so --mode=eval reports train metrics
+only, named for that split (bpd_train, fid_train); there is no *_test.
 """
 from ddpm_jax import default_config
 

@@ -10,6 +10,9 @@ Memory: the paper's batch 64 on a v3-8 is 8 images per 16 GiB core. Compiled on 
 per core at once; with training.grad_accum_steps=4 (the default here: 4 microbatches of 2 per
 core, the same update) 8.1 GB (7.6 GiB, under half of a core).
 Expected result (paper, Table 3, EMA weights, 50k samples): FID 19.75.
+Evaluation: no held-out split (eval_split='train'), so --mode=eval reports train metrics
+only, named for that split (bpd_train, fid_train: the paper's FID is against train too);
+there is no *_test.
 """
 from ddpm_jax import default_config
 

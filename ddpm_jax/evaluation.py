@@ -10,8 +10,13 @@
 
 Results go to WORKDIR/eval/<step>.json (<step>_ddim50.json and so on for another sampler; they
 record the sampler settings) and WORKDIR/eval/rate_distortion_<step>.{json,png}. Bits/dim is the
-full T-step bound whatever the sampler. What is cached (bits/dim progress, samples, FID reference
-statistics) stores or is keyed by the settings it depends on and is recomputed when they change.
+full T-step bound whatever the sampler. Every file follows `inference.py`'s rule: it records its
+settings, and none is replaced by one of other settings (bits/dim progress and FID reference
+statistics carry a digest of their settings in their names; the metrics and rate-distortion
+JSON and the samples refuse, before anything is computed, with one sentence). The metrics JSON
+records the settings, and the numbers of bits/dim images and samples asked for and used.
+Without a held-out split (data.eval_split='train', or a folder:/path dataset) only train
+metrics are reported, named `*_train`.
 """
 import hashlib
 import json
@@ -24,8 +29,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm_jax import fid, images, inference as inference_lib, input_pipeline, parallel, sampling
-from ddpm_jax import seeds
+from ddpm_jax import datasets, fid, images, inference as inference_lib, input_pipeline, parallel
+from ddpm_jax import sampling, seeds
 from ddpm_jax.errors import UserError
 
 
@@ -47,9 +52,19 @@ def _read_json_or_none(path: epath.Path):
     return None
 
 
+def _json_or_none(text: str):
+  try:
+    return json.loads(text)
+  except ValueError:
+    return None
+
+
 def _splits(config) -> tuple[str, ...]:
-  """('test', 'train'); ('train',) without a held-out split (data.eval_split='train')."""
-  return ('train',) if config.data.eval_split == 'train' else ('test', 'train')
+  """('test', 'train'); ('train',) without a held-out split: data.eval_split='train', or a
+  folder:/path dataset (whose 'test' split is its training images)."""
+  no_test = (config.data.eval_split == 'train'
+             or config.data.dataset.startswith(datasets.FOLDER_PREFIX))
+  return ('train',) if no_test else ('test', 'train')
 
 
 # === Bits/dim ===
@@ -70,9 +85,11 @@ def bits_per_dim(inference: inference_lib.Inference, split: str, num_images: int
                  batch_size: int, progress_path: epath.Path) -> dict:
   """Means over `num_images` images of `split`: total, prior, per-t terms, per-t x0 MSE.
 
-  Progress is saved after every batch to `progress_path` with the settings it depends on (the
-  checkpoint step, model, diffusion, data, seed, counts), so a rerun with the same settings
-  continues there and one with other settings starts afresh.
+  Progress is saved after every batch with the settings it depends on (the checkpoint step,
+  model, diffusion, data, seed, counts) to `progress_path` with a digest of those settings
+  added to its name (<step>_bpd_<split>_<digest>.progress.json): a rerun with the same settings
+  continues there, and one with other settings writes another file. `num_images` in the result
+  is the number of images used.
   """
   parallel.check_divisible(batch_size, inference.mesh, 'eval.bpd_batch_size')
   num_images = min(num_images, input_pipeline.num_examples(inference.config, split))
@@ -82,6 +99,8 @@ def bits_per_dim(inference: inference_lib.Inference, split: str, num_images: int
       **inference.model_settings(), 'seed': inference.config.seed,
       'data': [d.dataset, d.data_dir, d.image_size, d.channels], 'split': split,
       'num_images': num_images, 'batch_size': batch_size})
+  progress_path = progress_path.parent / progress_path.name.replace(
+      '.progress.json', f'_{inference_lib.settings_digest(json.loads(settings))}.progress.json')
   sums = _read_json_or_none(progress_path)
   if sums is not None and sums.get('settings') != settings:
     logging.info('%s is for other settings; computing bits/dim afresh.', progress_path)
@@ -109,7 +128,8 @@ def bits_per_dim(inference: inference_lib.Inference, split: str, num_images: int
                  num_batches, sums['total_bpd'] / sums['count'],
                  seconds_per_batch * (num_batches - i - 1))
   count = sums['count']
-  return {k: np.asarray(sums[k]) / count for k in ('total_bpd', 'prior_bpd', 'terms_bpd', 'mse')}
+  return {**{k: np.asarray(sums[k]) / count for k in ('total_bpd', 'prior_bpd', 'terms_bpd',
+                                                      'mse')}, 'num_images': int(count)}
 
 
 def rate_distortion(bpd: dict) -> dict:
@@ -187,9 +207,13 @@ def _reference_statistics(config, split: str, inception_params, batch_size: int)
         stats = np.load(f)
         if str(stats['key']) == key:
           return stats['mu'], stats['sigma']
-      logging.info('Rebuilding the reference statistics %s, cached for other settings.', path)
+        stored = str(stats['key'])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+      stored = None
       logging.warning('Rebuilding the damaged reference statistics %s (%s).', path, e)
+    if stored is not None:  # the name's digest matched another key: never rebuilt over
+      raise inference_lib.refusal(path, _json_or_none(stored), json.loads(key),
+                                  'move it away to compute these')
   features = fid.inception_pool3(_real_images(config, split), batch_size=batch_size,
                                  params=inception_params)
   mu, sigma = fid.feature_statistics(features)
@@ -264,6 +288,32 @@ def digits_metrics(config, samples: np.ndarray) -> dict:
 
 # === The job ===
 
+def _samples_to_draw(config, inference: inference_lib.Inference):
+  """`inference.generate`'s arguments for the samples the evaluation looks at, or None."""
+  if config.data.dataset == 'digits':
+    return dict(name=inference.samples_name(config.sampling.name),
+                num_samples=config.sampling.num_samples, batch_size=config.sampling.batch_size,
+                seed=config.seed + seeds.SAMPLES_OFFSET)
+  if config.eval.num_samples > 0:
+    return dict(name=inference.samples_name('fid'), num_samples=config.eval.num_samples,
+                batch_size=config.sampling.batch_size,
+                seed=config.seed + seeds.FID_SAMPLES_OFFSET)
+  return None
+
+
+def _keep_other_results(config, inference, workdir, metrics_json: epath.Path) -> None:
+  """Before anything is computed, a UserError if a complete result this evaluation would write
+  holds other settings (`inference.py`'s rule): its metrics JSON, the rate-distortion JSON, the
+  samples it draws."""
+  inference_lib.keep_other_results(metrics_json, inference.eval_settings())
+  if config.eval.bpd_num_images > 0:
+    inference_lib.keep_other_results(
+        metrics_json.parent / f'rate_distortion_{inference.step}.json',
+        inference.bits_per_dim_settings())
+  if _samples_to_draw(config, inference):
+    inference_lib.keep_other_samples(inference, workdir, **_samples_to_draw(config, inference))
+
+
 def evaluate(config, workdir, *, mesh=None, inference=None) -> dict:
   """--mode=eval: writes WORKDIR/eval/<step><sampler tag>.json and the rate-distortion files.
 
@@ -276,9 +326,12 @@ def evaluate(config, workdir, *, mesh=None, inference=None) -> dict:
   inference = inference or inference_lib.Inference(config, workdir, step=config.sampling.step,
                                                     mesh=mesh)
   step = inference.step
-  eval_dir = epath.Path(workdir) / 'eval'
+  eval_dir = inference_lib.writable_dir(epath.Path(workdir) / 'eval')
+  metrics_json = eval_dir / f'{step}{sampling.settings_tag(config)}.json'
+  _keep_other_results(config, inference, workdir, metrics_json)
   metrics = {'step': step, **sampling.settings(config), 'seed': config.seed,
-             'num_timesteps': config.diffusion.num_timesteps}
+             'num_timesteps': config.diffusion.num_timesteps,
+             'bpd_num_images_asked': e.bpd_num_images}
   out = {}
   start = time.time()
   splits = _splits(config)
@@ -287,6 +340,7 @@ def evaluate(config, workdir, *, mesh=None, inference=None) -> dict:
       bpd = bits_per_dim(inference, split, e.bpd_num_images, batch_size=e.bpd_batch_size,
                          progress_path=eval_dir / f'{step}_bpd_{split}.progress.json')
       metrics[f'bpd_{split}'] = float(bpd['total_bpd'])
+      metrics[f'bpd_num_images_{split}'] = bpd['num_images']  # what the split had, at most asked
       metrics[f'prior_bpd_{split}'] = float(bpd['prior_bpd'])
       metrics[f'l0_bpd_{split}'] = float(bpd['terms_bpd'][0])  # the decoder's -log p(x0|x1)
       if split == splits[0]:  # Table 4 / Fig. 5 on held-out images where there are any
@@ -294,30 +348,26 @@ def evaluate(config, workdir, *, mesh=None, inference=None) -> dict:
         if jax.process_index() == 0:
           _write_json(eval_dir / f'rate_distortion_{step}.json',
                       {**rd, 'step': step, 'split': split,
-                       'num_timesteps': config.diffusion.num_timesteps})
+                       'num_timesteps': config.diffusion.num_timesteps,
+                       'num_images': bpd['num_images'],
+                       'settings': inference.bits_per_dim_settings()})
           out['rate_distortion_png'] = plot_rate_distortion(
               rd, eval_dir / f'rate_distortion_{step}.png')
     logging.info('bits/dim: %s.', ', '.join(f'{split} {metrics[f"bpd_{split}"]:.4f}'
                                             for split in splits))
-  if config.data.dataset == 'digits':
+  to_draw = _samples_to_draw(config, inference)
+  metrics['num_samples_asked'] = to_draw['num_samples'] if to_draw else 0
+  if to_draw:
     sample_start = time.time()
-    npz = inference_lib.generate(inference, workdir,
-                                 name=inference.samples_name(config.sampling.name),
-                                 num_samples=config.sampling.num_samples,
-                                 batch_size=config.sampling.batch_size,
-                                 seed=config.seed + seeds.SAMPLES_OFFSET)
+    samples = inference_lib.read_samples(inference_lib.generate(inference, workdir, **to_draw))
     metrics['sample_seconds'] = time.time() - sample_start
-    metrics['digits'] = digits_metrics(config, inference_lib.read_samples(npz))
-  elif e.num_samples > 0:
-    sample_start = time.time()
-    npz = inference_lib.generate(inference, workdir, name=inference.samples_name('fid'),
-                                 num_samples=e.num_samples,
-                                 batch_size=config.sampling.batch_size,
-                                 seed=config.seed + seeds.FID_SAMPLES_OFFSET)
-    metrics['sample_seconds'] = time.time() - sample_start
-    metrics.update(fid_metrics(config, inference_lib.read_samples(npz)))
+    metrics['num_samples_used'] = int(len(samples))
+    if config.data.dataset == 'digits':
+      metrics['digits'] = digits_metrics(config, samples)
+    else:
+      metrics.update(fid_metrics(config, samples))
   metrics['eval_seconds'] = time.time() - start
-  metrics_json = eval_dir / f'{step}{sampling.settings_tag(config)}.json'
+  metrics['settings'] = inference.eval_settings()
   out['metrics_json'] = str(metrics_json)
   if jax.process_index() == 0:
     _write_json(metrics_json, metrics)

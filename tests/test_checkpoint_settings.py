@@ -18,7 +18,7 @@ from tests.conftest import ROOT, tiny_train_command
 def workdir(trained_digits, tmp_path):
   """A private copy of the trained tiny digits workdir (step 30, T = 40, eps, fixedlarge)."""
   _, source = trained_digits
-  shutil.copytree(source, tmp_path / 'w')
+  shutil.copytree(source, tmp_path / 'w', ignore=shutil.ignore_patterns('eval', 'samples'))
   return str(tmp_path / 'w')
 
 
