@@ -293,7 +293,7 @@ def _samples_to_draw(config, inference: inference_lib.Inference):
   if config.data.dataset == 'digits':
     return dict(name=inference.samples_name(config.sampling.name),
                 num_samples=config.sampling.num_samples, batch_size=config.sampling.batch_size,
-                seed=config.seed + seeds.SAMPLES_OFFSET)
+                seed=config.seed + seeds.SAMPLES_OFFSET, name_flag='sampling.name')
   if config.eval.num_samples > 0:
     return dict(name=inference.samples_name('fid'), num_samples=config.eval.num_samples,
                 batch_size=config.sampling.batch_size,

@@ -155,8 +155,8 @@ def refusal(path, stored: Optional[dict], wanted: dict, remedy: str) -> Optional
   if difference is None:
     return None
   key, theirs, ours = difference
-  return UserError(f'{path} holds results computed with {key}={json.dumps(theirs)}, but this run '
-                   f'has {key}={json.dumps(ours)}; it is kept: {remedy}.')
+  return UserError(f'{path} holds results computed with {key}={errors.flag_value(theirs)}, but '
+                   f'this run has {key}={errors.flag_value(ours)}; it is kept: {remedy}.')
 
 
 def _agreed(check: Callable[[], Optional[UserError]]) -> None:

@@ -56,7 +56,7 @@ def test_a_samples_file_of_other_settings_is_kept_and_named_in_one_sentence(trai
   before = path.read_bytes()
   for changes, setting, theirs, ours in (
       ({'seed': 1}, 'seed', 0, 1), ({'sampling__num_samples': 12}, 'num_samples', 10, 12),
-      ({'sampling__clip_denoised': False}, 'clip_denoised', 'true', 'false')):
+      ({'sampling__clip_denoised': False}, 'clip_denoised', 'True', 'False')):
     with pytest.raises(UserError) as error:
       sample(config, workdir, **changes)
     assert str(error.value) == (
@@ -228,8 +228,8 @@ def test_fid_reference_statistics_are_keyed_by_data_and_inception_weights(
   np.savez(cached, mu=np.zeros(2), sigma=np.eye(2), key=np.array(json.dumps(
       {**key, 'data_dir': '/elsewhere'}, sort_keys=True)))
   before = cached.read_bytes()
-  with pytest.raises(UserError, match=r'holds results computed with data_dir="/elsewhere", but '
-                                      r'this run has data_dir=""; it is kept'):
+  with pytest.raises(UserError, match=r"holds results computed with data_dir=/elsewhere, but "
+                                      r"this run has data_dir=''; it is kept"):
     stats()
   assert cached.read_bytes() == before and len(computed) == 4
 
