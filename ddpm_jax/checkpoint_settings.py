@@ -120,6 +120,6 @@ def check(custom_metadata: Optional[dict], config, purpose: str, *, step: int,
   field, theirs, ours = difference
   remedy = ('to resume it, or pass another --workdir to train a new model' if purpose == RESUME
             else 'to use it')
-  raise UserError(f'The checkpoint at step {step} in {where} was trained with '
-                  f'{field}={errors.flag_value(theirs)}, but the config has {field}='
-                  f'{errors.flag_value(ours)}; pass --config.{field}={errors.flag_value(theirs)} {remedy}.')
+  theirs, ours = errors.flag_value(theirs), errors.flag_value(ours)
+  raise UserError(f'The checkpoint at step {step} in {where} was trained with {field}={theirs}, '
+                  f'but the config has {field}={ours}; pass --config.{field}={theirs} {remedy}.')
