@@ -15,6 +15,8 @@ eval.num_samples=50,000 samples (the paper's protocol) against all the 30,000 tr
 paper's 128 samples in 300 s on a v3-8, the 1000-step chain takes ~33 h per checkpoint
 (--config.sampling.sampler=ddim --config.sampling.num_steps=50: ~1.6 h); bits/dim (256 images per
 split, T network passes each) ~10 min a split.
+Splits: no held-out split (eval_split='train'), so --mode=eval reports train metrics
+only, named for that split (bpd_train, fid_train); there is no *_test.
 """
 from ddpm_jax import default_config
 

@@ -15,6 +15,9 @@ eval.num_samples=50,000 samples (the paper's protocol) against a fixed random 50
 1,657,266 train images. At the paper's 128 samples in 300 s on a v3-8, the 1000-step chain takes
 ~33 h per checkpoint (--config.sampling.sampler=ddim --config.sampling.num_steps=50: ~1.6 h);
 bits/dim (256 images per split, T network passes each) ~10 min a split.
+Splits: no held-out split (eval_split='train'), so --mode=eval reports train metrics
+only, named for that split (bpd_train, fid_train: the paper's FID is against train too);
+there is no *_test.
 """
 from ddpm_jax import default_config
 

@@ -15,6 +15,8 @@ eval.num_samples=50,000 samples (the paper's protocol) against a fixed random 50
 126,227 train images. At the paper's 128 samples in 300 s on a v3-8, the 1000-step chain takes ~33
 h per checkpoint (--config.sampling.sampler=ddim --config.sampling.num_steps=50: ~1.6 h); bits/dim
 (256 images per split, T network passes each) ~10 min a split.
+Splits: the *_test metrics are on the 300 held-out validation images
+(data.eval_split='validation'); the paper's FID is fid_train.
 """
 from ddpm_jax import default_config
 

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 from absl import logging
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, errors
 from ddpm_jax.errors import UserError
 
 METADATA_KEY = 'ddpm_jax'  # Orbax custom metadata: {METADATA_KEY: {'trained_as': .., 'by': ..}}
@@ -68,13 +68,6 @@ def recorded(custom_metadata: Optional[dict]) -> Optional[dict]:
 def _get(settings: dict, field: str) -> Any:
   section, name = field.split('.')
   return settings.get(section, {}).get(name)
-
-
-def _flag_value(value: Any) -> str:
-  """A value as --config.<field>=VALUE takes it: (1,2) for a tuple, eps for a string."""
-  if isinstance(value, (list, tuple)):
-    return '(' + ','.join(map(_flag_value, value)) + (',)' if len(value) == 1 else ')')
-  return str(value)
 
 
 def _betas(settings: dict) -> Optional[np.ndarray]:
@@ -127,6 +120,6 @@ def check(custom_metadata: Optional[dict], config, purpose: str, *, step: int,
   field, theirs, ours = difference
   remedy = ('to resume it, or pass another --workdir to train a new model' if purpose == RESUME
             else 'to use it')
-  raise UserError(f'The checkpoint at step {step} in {where} was trained with '
-                  f'{field}={_flag_value(theirs)}, but the config has {field}='
-                  f'{_flag_value(ours)}; pass --config.{field}={_flag_value(theirs)} {remedy}.')
+  theirs, ours = errors.flag_value(theirs), errors.flag_value(ours)
+  raise UserError(f'The checkpoint at step {step} in {where} was trained with {field}={theirs}, '
+                  f'but the config has {field}={ours}; pass --config.{field}={theirs} {remedy}.')

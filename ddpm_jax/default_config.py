@@ -13,6 +13,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = 'cifar10'  # digits | cifar10 | celebahq256 | lsun_<category> | folder:/path
+  # (a folder has no held-out split: --mode=eval reports *_train metrics only)
   data.data_dir = ''  # tfds data_dir (or the LSUN root); '' uses tfds' default
   data.image_size = 32
   data.channels = 3

@@ -51,6 +51,15 @@ def raise_if_interrupted() -> None:
     raise Interrupted(_INTERRUPTED[0])
 
 
+def flag_value(value) -> str:
+  """A value as --config.<field>=VALUE takes it: eps, 0.0002, True, (1,2), '' for empty."""
+  if isinstance(value, (list, tuple)):
+    return '(' + ','.join(map(flag_value, value)) + (',)' if len(value) == 1 else ')')
+  if isinstance(value, str):
+    return value if value else "''"
+  return str(value)
+
+
 def one_line(error: Exception) -> str:
   """`Type: message` on one line, at most 300 characters of the message."""
   text = ' '.join(str(error).split())

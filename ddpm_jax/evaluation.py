@@ -12,9 +12,15 @@ Results go to WORKDIR/eval/<step>.json (<step>_ddim50.json and so on for another
 record the sampler settings) and WORKDIR/eval/rate_distortion_<step>.{json,png}; the scalars and
 a grid of the samples to a TensorBoard run in WORKDIR/eval/ (the sampler tag in their names, e.g.
 `fid_train/ddim50`), and the best evaluated checkpoint by `eval.best_metric` to
-WORKDIR/eval/best<tag>.json. Bits/dim is the full T-step bound whatever the sampler. What is
-cached (bits/dim progress, samples, FID reference statistics and KID reference features) stores
-or is keyed by the settings it depends on and is recomputed when they change.
+WORKDIR/eval/best<tag>.json. Bits/dim is the full T-step bound whatever the sampler. The
+metrics JSON records the settings, and the numbers of bits/dim images and samples asked for and
+used. Without a held-out split (data.eval_split='train', or a folder:/path dataset) only train
+metrics are reported, named `*_train`.
+
+Every file follows `inference.py`'s rule: it records its settings, and none is replaced by one
+of other settings (bits/dim progress, FID reference statistics and KID reference features carry
+a digest of their settings in their names; the metrics and rate-distortion JSON and the samples
+refuse, before anything is computed, with one sentence).
 
 The FID reference statistics are streamed: each process runs the Inception network over its
 shard of at most `eval.fid_reference_images` images of a split (a fixed random subset of a larger
@@ -36,8 +42,8 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 
-from ddpm_jax import fid, images, inference as inference_lib, input_pipeline, parallel, sampling
-from ddpm_jax import seeds
+from ddpm_jax import datasets, fid, images, inference as inference_lib, input_pipeline, parallel
+from ddpm_jax import sampling, seeds
 from ddpm_jax.errors import UserError
 
 
@@ -84,9 +90,19 @@ def _read_json_or_none(path: epath.Path):
     return None
 
 
+def _json_or_none(text: str):
+  try:
+    return json.loads(text)
+  except ValueError:
+    return None
+
+
 def _splits(config) -> tuple[str, ...]:
-  """('test', 'train'); ('train',) without a held-out split (data.eval_split='train')."""
-  return ('train',) if config.data.eval_split == 'train' else ('test', 'train')
+  """('test', 'train'); ('train',) without a held-out split: data.eval_split='train', or a
+  folder:/path dataset (whose 'test' split is its training images)."""
+  no_test = (config.data.eval_split == 'train'
+             or config.data.dataset.startswith(datasets.FOLDER_PREFIX))
+  return ('train',) if no_test else ('test', 'train')
 
 
 # === Bits/dim ===
@@ -123,9 +139,11 @@ def bits_per_dim(inference: inference_lib.Inference, split: str, num_images: int
                  batch_size: int, progress_path: epath.Path) -> dict:
   """Means over `num_images` images of `split`: total, prior, per-t terms, per-t x0 MSE.
 
-  Progress is saved after every batch to `progress_path` with the settings it depends on (the
-  checkpoint step, model, diffusion, data, seed, counts), so a rerun with the same settings
-  continues there and one with other settings starts afresh.
+  Progress is saved after every batch with the settings it depends on (the checkpoint step,
+  model, diffusion, data, seed, counts) to `progress_path` with a digest of those settings
+  added to its name (<step>_bpd_<split>_<digest>.progress.json): a rerun with the same settings
+  continues there, and one with other settings writes another file. `num_images` in the result
+  is the number of images used.
   """
   parallel.check_divisible(batch_size, inference.mesh, 'eval.bpd_batch_size')
   num_images = min(num_images, input_pipeline.num_examples(inference.config, split))
@@ -135,6 +153,8 @@ def bits_per_dim(inference: inference_lib.Inference, split: str, num_images: int
       **inference.model_settings(), 'seed': inference.config.seed,
       'data': [d.dataset, d.data_dir, d.image_size, d.channels], 'split': split,
       'num_images': num_images, 'batch_size': batch_size})
+  progress_path = progress_path.parent / progress_path.name.replace(
+      '.progress.json', f'_{inference_lib.settings_digest(json.loads(settings))}.progress.json')
   sums = _read_json_or_none(progress_path)
   if sums is not None and sums.get('settings') != settings:
     logging.info('%s is for other settings; computing bits/dim afresh.', progress_path)
@@ -162,7 +182,8 @@ def bits_per_dim(inference: inference_lib.Inference, split: str, num_images: int
                  num_batches, sums['total_bpd'] / sums['count'],
                  seconds_per_batch * (num_batches - i - 1))
   count = sums['count']
-  return {k: np.asarray(sums[k]) / count for k in ('total_bpd', 'prior_bpd', 'terms_bpd', 'mse')}
+  return {**{k: np.asarray(sums[k]) / count for k in ('total_bpd', 'prior_bpd', 'terms_bpd',
+                                                      'mse')}, 'num_images': int(count)}
 
 
 def rate_distortion(bpd: dict) -> dict:
@@ -247,17 +268,23 @@ def _params_digest(params) -> str:
 
 
 def _read_cached(path: epath.Path, key: str, names: tuple[str, ...]) -> Optional[dict]:
-  """The arrays `names` of a cache file written for `key`; None if absent, stale or damaged."""
+  """The arrays `names` of a cache file written for `key`; None if absent or damaged (rebuilt).
+
+  Its name carries a digest of the key, so one of another key is a digest collision: it is kept
+  (`inference.py`'s rule), with one sentence.
+  """
   if not path.exists():
     return None
   try:
     with path.open('rb') as f, np.load(f) as npz:
-      if str(npz['key']) == key:
+      stored = str(npz['key'])
+      if stored == key:
         return {name: npz[name] for name in names}
-    logging.info('Rebuilding %s, cached for other settings.', path)
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     logging.warning('Rebuilding the damaged %s (%s).', path, e)
-  return None
+    return None
+  raise inference_lib.refusal(path, _json_or_none(stored), json.loads(key),
+                              'move it away to compute these')
 
 
 def reference_statistics(config, split: str, inception_params, *, batch_size: int,
@@ -562,6 +589,32 @@ def check_can_evaluate(config, mesh) -> None:
     fid.weights.load_inception_params(config.eval.pt_inception_path)
 
 
+def _samples_to_draw(config, inference: inference_lib.Inference):
+  """`inference.generate`'s arguments for the samples the evaluation looks at, or None."""
+  if config.data.dataset == 'digits':
+    return dict(name=inference.samples_name(config.sampling.name),
+                num_samples=config.sampling.num_samples, batch_size=config.sampling.batch_size,
+                seed=config.seed + seeds.SAMPLES_OFFSET, name_flag='sampling.name')
+  if config.eval.num_samples > 0:
+    return dict(name=inference.samples_name('fid'), num_samples=config.eval.num_samples,
+                batch_size=config.sampling.batch_size,
+                seed=config.seed + seeds.FID_SAMPLES_OFFSET)
+  return None
+
+
+def _keep_other_results(config, inference, workdir, metrics_json: epath.Path) -> None:
+  """Before anything is computed, a UserError if a complete result this evaluation would write
+  holds other settings (`inference.py`'s rule): its metrics JSON, the rate-distortion JSON, the
+  samples it draws."""
+  inference_lib.keep_other_results(metrics_json, inference.eval_settings())
+  if config.eval.bpd_num_images > 0:
+    inference_lib.keep_other_results(
+        metrics_json.parent / f'rate_distortion_{inference.step}.json',
+        inference.bits_per_dim_settings())
+  if _samples_to_draw(config, inference):
+    inference_lib.keep_other_samples(inference, workdir, **_samples_to_draw(config, inference))
+
+
 def evaluate(config, workdir, *, mesh=None, inference=None, step: Optional[int] = None,
              writer: Optional[metric_writers.MetricWriter] = None) -> dict:
   """--mode=eval: writes WORKDIR/eval/<step><sampler tag>.json and the rate-distortion files,
@@ -580,10 +633,12 @@ def evaluate(config, workdir, *, mesh=None, inference=None, step: Optional[int] 
     inference = inference_lib.Inference(config, workdir, step=step, mesh=mesh)
   step = inference.step
   tag = sampling.settings_tag(config)
-  eval_dir = epath.Path(workdir) / 'eval'
+  eval_dir = inference_lib.writable_dir(epath.Path(workdir) / 'eval')
+  metrics_json = metrics_path(config, workdir, step)
+  _keep_other_results(config, inference, workdir, metrics_json)
   logging.info('Evaluating the EMA weights of step %d on %d devices (%s).', step,
                inference.mesh.size, sampling.settings(config))
-  metrics = _settings(config, step)
+  metrics = {**_settings(config, step), 'bpd_num_images_asked': e.bpd_num_images}
   out = {}
   start = time.time()
   splits = _splits(config)
@@ -592,6 +647,7 @@ def evaluate(config, workdir, *, mesh=None, inference=None, step: Optional[int] 
       bpd = bits_per_dim(inference, split, e.bpd_num_images, batch_size=e.bpd_batch_size,
                          progress_path=eval_dir / f'{step}_bpd_{split}.progress.json')
       metrics[f'bpd_{split}'] = float(bpd['total_bpd'])
+      metrics[f'bpd_num_images_{split}'] = bpd['num_images']  # what the split had, at most asked
       metrics[f'prior_bpd_{split}'] = float(bpd['prior_bpd'])
       metrics[f'l0_bpd_{split}'] = float(bpd['terms_bpd'][0])  # the decoder's -log p(x0|x1)
       if split == splits[0]:  # Table 4 / Fig. 5 on held-out images where there are any
@@ -599,37 +655,33 @@ def evaluate(config, workdir, *, mesh=None, inference=None, step: Optional[int] 
         if jax.process_index() == 0:
           _write_json(eval_dir / f'rate_distortion_{step}.json',
                       {**rd, 'step': step, 'split': split,
-                       'num_timesteps': config.diffusion.num_timesteps})
+                       'num_timesteps': config.diffusion.num_timesteps,
+                       'num_images': bpd['num_images'],
+                       'settings': inference.bits_per_dim_settings()})
           out['rate_distortion_png'] = plot_rate_distortion(
               rd, eval_dir / f'rate_distortion_{step}.png')
     logging.info('bits/dim: %s.', ', '.join(f'{split} {metrics[f"bpd_{split}"]:.4f}'
                                             for split in splits))
   grid = None
-  if config.data.dataset == 'digits':
+  to_draw = _samples_to_draw(config, inference)
+  metrics['num_samples_asked'] = to_draw['num_samples'] if to_draw else 0
+  if to_draw:
     sample_start = time.time()
-    npz = inference_lib.generate(inference, workdir,
-                                 name=inference.samples_name(config.sampling.name),
-                                 num_samples=config.sampling.num_samples,
-                                 batch_size=config.sampling.batch_size,
-                                 seed=config.seed + seeds.SAMPLES_OFFSET)
+    npz = inference_lib.generate(inference, workdir, **to_draw)
     metrics['sample_seconds'] = time.time() - sample_start
     _after_process_0_wrote(npz.name)  # `generate` writes the file on process 0 only
-    samples = inference_lib.read_samples(npz)
-    metrics['digits'] = digits_metrics(config, samples)
-    grid = _sample_grid(samples, config.data.image_size)
-  elif e.num_samples > 0:
-    sample_start = time.time()
-    npz = inference_lib.generate(inference, workdir, name=inference.samples_name('fid'),
-                                 num_samples=e.num_samples,
-                                 batch_size=config.sampling.batch_size,
-                                 seed=config.seed + seeds.FID_SAMPLES_OFFSET)
-    metrics['sample_seconds'] = time.time() - sample_start
-    _after_process_0_wrote(npz.name)
-    metrics.update(fid_metrics(config, npz))
-    grid = _sample_grid(next(inference_lib.iter_samples(npz, _GRID_SAMPLES)),
-                        config.data.image_size)
+    if config.data.dataset == 'digits':
+      samples = inference_lib.read_samples(npz)
+      metrics['digits'] = digits_metrics(config, samples)
+      grid = _sample_grid(samples, config.data.image_size)
+    else:
+      metrics.update(fid_metrics(config, npz))  # featurised chunk by chunk from the file
+      grid = _sample_grid(next(inference_lib.iter_samples(npz, _GRID_SAMPLES)),
+                          config.data.image_size)
+    metrics['num_samples_used'] = (metrics['digits'] if config.data.dataset == 'digits'
+                                   else metrics)['num_samples']
   metrics['eval_seconds'] = time.time() - start
-  metrics_json = metrics_path(config, workdir, step)
+  metrics['settings'] = inference.eval_settings()
   out['metrics_json'] = str(metrics_json)
   if jax.process_index() == 0:
     _write_json(metrics_json, metrics)

@@ -1,15 +1,24 @@
-"""What the sample and eval jobs share about a workdir: its model's EMA weights and its samples.
+"""What the sample and eval jobs share about a workdir: its model's EMA weights and its results.
 
 `Inference` restores the EMA parameters of a checkpoint onto a mesh and samples from them with the
 config's sampler; `generate` draws many samples in resumable chunks into
-`WORKDIR/samples/<name>.npz`. Every sample file stores the settings it was drawn with and is
-reused only for the same settings.
+`WORKDIR/samples/<name>.npz`.
+
+Result files follow one rule (docs/reliability.md): every result file records the settings it
+was computed with, is reused only for the same settings, and is never replaced by one of other
+settings. Intermediate files (sample chunks; bits/dim progress; FID reference statistics) carry
+a digest of their settings in their name (`settings_digest`), so other settings write other
+files. Final files keep their readable names (`samples/<name>_<step>[_ddim50].npz`,
+`eval/<step>[_ddim50].json`, `eval/rate_distortion_<step>.json`): a run whose settings differ
+from a complete one's refuses before computing anything (`keep_other_results`), with one sentence
+naming the file, the first differing setting with both values, and how to go on.
 """
+import hashlib
 import io
 import json
 import time
 import zipfile
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +70,23 @@ class Inference:
     return {**self.model_settings(), 'image_shape': list(self.image_shape),
             'clip_denoised': c.sampling.clip_denoised, **sampling.settings(c), **extra}
 
+  def bits_per_dim_settings(self) -> dict:
+    """What the bits/dim and rate-distortion of `evaluation` depend on (not the sampler)."""
+    c, d = self.config, self.config.data
+    return {**self.model_settings(), 'seed': c.seed,
+            'data': {'dataset': d.dataset, 'data_dir': d.data_dir, 'image_size': d.image_size,
+                     'channels': d.channels, 'eval_split': d.eval_split},
+            'bpd_num_images': c.eval.bpd_num_images, 'bpd_batch_size': c.eval.bpd_batch_size}
+
+  def eval_settings(self) -> dict:
+    """Everything the metrics of `evaluation.evaluate` depend on (its JSON records them)."""
+    c = self.config
+    return {**self.bits_per_dim_settings(), **sampling.settings(c),
+            'clip_denoised': c.sampling.clip_denoised,
+            'sampling_num_samples': c.sampling.num_samples,
+            'sampling_batch_size': c.sampling.batch_size, 'eval_num_samples': c.eval.num_samples,
+            'pt_inception_path': c.eval.pt_inception_path}
+
   def model_fn(self, params) -> ModelFn:
     return lambda x, t: self.model.apply({'params': params}, x, t, train=False)
 
@@ -75,17 +101,110 @@ class Inference:
 
 
 def write_npz(path: epath.Path, **arrays) -> None:
-  """Writes atomically (a temporary name, then a rename) so a preempted write is never read."""
+  """Writes atomically (a temporary name, then a rename) so a preempted write is never read.
+
+  A full disk is `errors.disk_full`'s sentence, with this file's size as the space needed.
+  """
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   tmp = path.parent / (path.name + '.tmp')
-  tmp.write_bytes(buffer.getvalue())
+  try:
+    tmp.write_bytes(buffer.getvalue())
+  except OSError as error:
+    if not errors.is_disk_full(error):
+      raise
+    tmp.unlink(missing_ok=True)
+    raise errors.disk_full(error, needed_bytes=len(buffer.getvalue())) from error
   tmp.replace(path)
 
 
 def fingerprint(settings: dict) -> str:
   """The canonical JSON of a settings dict: equal settings, equal strings."""
   return json.dumps(settings, sort_keys=True, default=list)
+
+
+def settings_digest(settings: dict) -> str:
+  """12 hex digits of the settings' fingerprint: what names an intermediate file's settings."""
+  return hashlib.sha256(fingerprint(settings).encode()).hexdigest()[:12]
+
+
+def _flat(tree: Any, prefix: str = '') -> dict:
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  out = {}
+  for key in sorted(tree):
+    out.update(_flat(tree[key], f'{prefix}{key}.'))
+  return out
+
+
+def first_difference(stored: dict, wanted: dict) -> Optional[tuple[str, Any, Any]]:
+  """(setting, stored value, wanted value) at the first setting that differs, else None."""
+  stored, wanted = _flat(json.loads(fingerprint(stored))), _flat(json.loads(fingerprint(wanted)))
+  for key in sorted(set(stored) | set(wanted)):
+    if stored.get(key, '(none)') != wanted.get(key, '(none)'):
+      return key, stored.get(key, '(none)'), wanted.get(key, '(none)')
+  return None
+
+
+def refusal(path, stored: Optional[dict], wanted: dict, remedy: str) -> Optional[UserError]:
+  """None if `stored` (a complete result's settings) equals `wanted`, else the sentence."""
+  if stored is None:
+    return UserError(f'{path} records no settings (an older ddpm_jax wrote it), so it may hold '
+                     f'results of other settings; it is kept: move it away to compute it again.')
+  difference = first_difference(stored, wanted)
+  if difference is None:
+    return None
+  key, theirs, ours = difference
+  return UserError(f'{path} holds results computed with {key}={errors.flag_value(theirs)}, but '
+                   f'this run has {key}={errors.flag_value(ours)}; it is kept: {remedy}.')
+
+
+def _agreed(check: Callable[[], Optional[UserError]]) -> None:
+  """Runs `check` on process 0 and raises its UserError on every process (so that no process
+  goes on alone into a collective)."""
+  error = check() if jax.process_index() == 0 else None
+  if parallel.agree_with_process_0(np.array([error is not None]))[0]:
+    raise error or UserError('Process 0 refused to go on; its message says why.')
+
+
+def keep_other_results(path, settings: dict,
+                       remedy: str = 'rerun with its settings, or move it away to compute this '
+                                     'one') -> None:
+  """A UserError (on every process) if the JSON result `path` exists, reads, and records
+  other settings than `settings`; nothing if it is absent, damaged (it is then recomputed) or
+  of the same settings."""
+  def check():
+    path_ = epath.Path(path)
+    if not path_.exists():
+      return None
+    try:
+      content = json.loads(path_.read_text())
+    except (ValueError, OSError):
+      return None
+    stored = content.get('settings') if isinstance(content, dict) else None
+    return refusal(path_, stored, settings, remedy)
+  _agreed(check)
+
+
+def writable_dir(path) -> epath.Path:
+  """`path`, created; a UserError (on every process) naming it if process 0 cannot write there,
+  before anything is computed for it."""
+  path = epath.Path(path)
+
+  def check():
+    probe = path / f'.write_test_{jax.process_index()}'
+    try:
+      path.mkdir(parents=True, exist_ok=True)
+      probe.write_text('')
+      probe.unlink()
+    except OSError as error:
+      if errors.is_disk_full(error):
+        raise
+      return UserError(f'Cannot write to {path} ({errors.one_line(error)}); make it writable, '
+                       f'or pass another --workdir.')
+    return None
+  _agreed(check)
+  return path
 
 
 def _read_npz(path: epath.Path) -> dict:
@@ -108,47 +227,89 @@ def read_samples(path) -> np.ndarray:
   return arrays['samples']
 
 
-def _current_samples(path: epath.Path, settings: str) -> Optional[np.ndarray]:
-  """The samples of `path` if it exists, reads and was drawn with `settings`, else None."""
+_ABSENT, _CURRENT, _OTHER = 0, 1, 2
+
+
+def _samples_status(path: epath.Path, settings: str) -> tuple[int, Optional[dict]]:
+  """(_ABSENT: none, or damaged (with a warning); _CURRENT: drawn with `settings`; _OTHER: a
+  complete file of other settings, with those settings or None if it records none)."""
   if not path.exists():
-    return None
+    return _ABSENT, None
   try:
     arrays = _read_npz(path)
   except OSError as e:
     logging.warning('The samples file %s; sampling it again.', e)
-    return None
-  if 'samples' not in arrays or str(arrays.get('settings', '')) != settings:
-    logging.info('%s was drawn with other settings; sampling it again.', path)
-    return None
-  return arrays['samples']
+    return _ABSENT, None
+  if 'samples' not in arrays:
+    logging.warning('%s holds no `samples` array; sampling it again.', path)
+    return _ABSENT, None
+  stored = str(arrays.get('settings', ''))
+  if stored == settings:
+    return _CURRENT, None
+  try:
+    return _OTHER, json.loads(stored)
+  except ValueError:
+    return _OTHER, None
+
+
+def _final_samples(inference: Inference, workdir, *, name: str, num_samples: int,
+                   batch_size: int, seed: int, name_flag: str = ''):
+  """(final path, settings dict, their fingerprint, whether the final file holds them): a
+  UserError on every process if it holds samples of other settings."""
+  if num_samples < 1:
+    raise UserError(f'sampling.num_samples must be at least 1, got {num_samples}.')
+  if batch_size < 1:
+    raise UserError(f'sampling.batch_size must be at least 1, got {batch_size}.')
+  out_dir = writable_dir(epath.Path(workdir) / 'samples')
+  final = out_dir / f'{name}.npz'
+  settings_dict = inference.sample_settings(seed=seed, num_samples=num_samples,
+                                            batch_size=batch_size)
+  settings = fingerprint(settings_dict)
+  keep_both = f'set --config.{name_flag} to another name to keep both, ' if name_flag else ''
+  status = {}
+
+  def check():
+    status['final'], stored = _samples_status(final, settings)
+    if status['final'] != _OTHER:
+      return None
+    return refusal(final, stored, settings_dict,
+                   f'rerun with its settings, {keep_both}or move it away to draw these')
+  _agreed(check)
+  current = parallel.agree_with_process_0(np.array([status.get('final') == _CURRENT]))[0]
+  return final, settings_dict, settings, bool(current)
+
+
+def keep_other_samples(inference: Inference, workdir, **generate_args) -> None:
+  """Before anything is computed: a UserError if `generate(inference, workdir,
+  **generate_args)` would meet a complete samples file of other settings."""
+  _final_samples(inference, workdir, **generate_args)
 
 
 def generate(inference: Inference, workdir, *, name: str, num_samples: int, batch_size: int,
-             seed: int) -> epath.Path:
+             seed: int, name_flag: str = '') -> epath.Path:
   """Samples in chunks of `batch_size` to WORKDIR/samples/<name>.npz; resumes after preemption.
 
   Chunk i is drawn from fold_in(seed, i) and written as it finishes, so a rerun continues
   with the first missing chunk and gives the same samples as an uninterrupted run. The final
   file and every chunk store their settings (`Inference.sample_settings`: checkpoint step,
-  model, diffusion, sampler, clipping, seed, counts) and are reused only for the same settings;
-  a stale, damaged or truncated one is drawn again (the damaged ones with a warning naming them).
+  model, diffusion, sampler, clipping, seed, counts). The final file is reused for the same
+  settings and never replaced by samples of other settings: the run refuses with one sentence
+  (naming `name_flag`, the config field the name comes from, as a way to keep both). Chunks go
+  to a folder named by a digest of their settings, so other settings never touch them. A
+  damaged or truncated file is drawn again, with a warning naming it.
   """
-  if num_samples < 1:
-    raise UserError(f'sampling.num_samples must be at least 1, got {num_samples}.')
-  if batch_size < 1:
-    raise UserError(f'sampling.batch_size must be at least 1, got {batch_size}.')
-  out_dir = epath.Path(workdir) / 'samples'
-  final = out_dir / f'{name}.npz'
-  settings = fingerprint(inference.sample_settings(seed=seed, num_samples=num_samples,
-                                                   batch_size=batch_size))
-  if parallel.agree_with_process_0(np.array([_current_samples(final, settings) is not None]))[0]:
+  final, settings_dict, settings, current = _final_samples(
+      inference, workdir, name=name, num_samples=num_samples, batch_size=batch_size, seed=seed,
+      name_flag=name_flag)
+  if current:
     return final
-  chunk_dir = out_dir / f'{name}_chunks_n{num_samples}_b{batch_size}_s{seed}'
+  chunk_dir = final.parent / (f'{name}_chunks_n{num_samples}_b{batch_size}_s{seed}_'
+                              f'{settings_digest(settings_dict)}')
   chunk_dir.mkdir(parents=True, exist_ok=True)
   num_chunks = -(-num_samples // batch_size)
   chunk_paths = [chunk_dir / f'chunk_{i:05d}_of_{num_chunks:05d}.npz' for i in range(num_chunks)]
   done = parallel.agree_with_process_0(
-      np.array([_current_samples(p, settings) is not None for p in chunk_paths]))
+      np.array([_samples_status(p, settings)[0] == _CURRENT for p in chunk_paths]))
   rng = jax.random.PRNGKey(seed)
   start = time.time()
   for i in np.flatnonzero(~done):

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddpm_jax.errors import UserError
+from ddpm_jax.errors import UserError, flag_value
 
 DATA_AXIS = 'data'
 
@@ -270,6 +270,6 @@ def check_same_config(config, **flags) -> None:
     if difference is not None:
       key, first, other = difference
       name = key if key.startswith('--') else f'--config.{key}'
-      raise UserError(f'Process {process} was started with {name}={json.dumps(other)} but '
-                      f'process 0 with {name}={json.dumps(first)}; start every process with the '
+      raise UserError(f'Process {process} was started with {name}={flag_value(other)} but '
+                      f'process 0 with {name}={flag_value(first)}; start every process with the '
                       f'same --config file, --config.* overrides, --mode and --workdir.')

@@ -53,8 +53,11 @@ def sample_from_workdir(config, workdir, *, mesh: Optional[Mesh] = None,
   Writes WORKDIR/samples/<name>_<step>.npz (key `samples`, uint8 [N, H, W, C]; with another
   sampler <name>_<step>_ddim50.npz and so on, see `sampling.settings_tag`) and a grid PNG
   beside it; with sampling.progressive_every or sampling.interpolate_t, also the paper's Fig. 6
-  and Fig. 8 as PNGs, drawn with the same sampler. Returns the paths. `inference`: the
-  checkpoint already restored (--mode=all shares one with the evaluation).
+  and Fig. 8 as PNGs, drawn with the same sampler (<name>_<step>_progressive<every>.png,
+  <name>_<step>_interpolation_t<t>x<lambdas>.png). A samples file of other settings is never
+  replaced (`inference.generate` refuses; the figures' names carry what else they depend on).
+  Returns the paths. `inference`: the checkpoint already restored (--mode=all shares one with
+  the evaluation).
   """
   s = config.sampling
   inference = inference or inference_lib.Inference(config, workdir, step=s.step, mesh=mesh)
@@ -63,7 +66,7 @@ def sample_from_workdir(config, workdir, *, mesh: Optional[Mesh] = None,
                s.num_samples, inference.step, inference.mesh.size, sampling.settings(config))
   npz = inference_lib.generate(inference, workdir, name=name, num_samples=s.num_samples,
                                batch_size=s.batch_size,
-                               seed=config.seed + seeds.SAMPLES_OFFSET)
+                               seed=config.seed + seeds.SAMPLES_OFFSET, name_flag='sampling.name')
   out = {'samples_npz': str(npz)}
   if jax.process_index() == 0:
     grid = images.image_grid(inference_lib.read_samples(npz)[:100], ncol=10)
@@ -74,14 +77,16 @@ def sample_from_workdir(config, workdir, *, mesh: Optional[Mesh] = None,
     figure = _progressive_figure(inference, rng, num_images=min(s.num_samples, 8),
                                  every=s.progressive_every)
     if jax.process_index() == 0:
-      out['progressive_png'] = images.save_png(npz.parent / f'{name}_progressive.png', figure,
-                                               upscale=_upscale(config.data.image_size))
+      out['progressive_png'] = images.save_png(  # the name carries what else it depends on
+          npz.parent / f'{name}_progressive{s.progressive_every}.png', figure,
+          upscale=_upscale(config.data.image_size))
   if s.interpolate_t > 0:
     figure = _interpolation_figure(inference, rng, t=s.interpolate_t,
                                    num_lambdas=s.interpolate_lambdas)
     if jax.process_index() == 0:
-      out['interpolation_png'] = images.save_png(npz.parent / f'{name}_interpolation.png',
-                                                 figure, upscale=_upscale(config.data.image_size))
+      out['interpolation_png'] = images.save_png(
+          npz.parent / f'{name}_interpolation_t{s.interpolate_t}x{s.interpolate_lambdas}.png',
+          figure, upscale=_upscale(config.data.image_size))
   for key, path in out.items():
     logging.info('Wrote %s: %s', key, path)
   return out

@@ -9,7 +9,7 @@ import subprocess
 import flax.serialization
 import pytest
 
-from ddpm_jax import checkpoint_settings, checkpointing, inference, parallel, train
+from ddpm_jax import checkpoint_settings, checkpointing, errors, inference, parallel, train
 from ddpm_jax.errors import UserError
 from tests.conftest import ROOT, tiny_train_command
 
@@ -18,7 +18,7 @@ from tests.conftest import ROOT, tiny_train_command
 def workdir(trained_digits, tmp_path):
   """A private copy of the trained tiny digits workdir (step 30, T = 40, eps, fixedlarge)."""
   _, source = trained_digits
-  shutil.copytree(source, tmp_path / 'w')
+  shutil.copytree(source, tmp_path / 'w', ignore=shutil.ignore_patterns('eval', 'samples'))
   return str(tmp_path / 'w')
 
 
@@ -65,7 +65,7 @@ def test_resuming_as_another_network_or_objective_is_one_sentence(trained_digits
   before = sorted(p.name for p in (checkpointing.checkpoint_dir(workdir)).iterdir())
   with pytest.raises(UserError) as error:
     train.train_and_evaluate(changed, workdir)
-  shown = checkpoint_settings._flag_value(value)
+  shown = errors.flag_value(value)
   assert str(error.value) == (
       f'The checkpoint at step 30 in {checkpointing.checkpoint_dir(workdir)} was trained with '
       f'{field}={stored}, but the config has {field}={shown}; pass --config.{field}={stored} '

@@ -63,7 +63,8 @@ def test_without_a_held_out_split_nothing_is_reported_as_test(trained_digits, tm
   """data.eval_split='train' (LSUN cat, CelebA-HQ): train numbers only, named train."""
   import shutil
   config, workdir = trained_digits
-  workdir = shutil.copytree(workdir, tmp_path / 'workdir')
+  workdir = shutil.copytree(workdir, tmp_path / 'workdir',  # the checkpoints, not the results
+                             ignore=shutil.ignore_patterns('eval', 'samples'))
   config = config.copy_and_resolve_references()
   config.data.eval_split = 'train'
   config.sampling.num_samples = 20

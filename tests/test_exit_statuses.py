@@ -114,7 +114,7 @@ def test_a_signal_while_sampling_exits_75_and_keeps_the_finished_chunks(trained_
   130; both now say what is kept and exit 75, and the chunks drawn so far stay."""
   _, source = trained_digits
   workdir = tmp_path / 'w'
-  shutil.copytree(source, workdir)
+  shutil.copytree(source, workdir, ignore=shutil.ignore_patterns('eval', 'samples'))
   command = tiny_train_command(workdir, {'diffusion.num_timesteps': 40, 'seed': 3,
                                          'sampling.num_samples': 400,
                                          'sampling.batch_size': 8}, '--mode=sample')
