@@ -295,7 +295,7 @@ def test_file_names_carry_the_sampler_settings():
      r"Unknown sampling.sampler 'plms'; choose one of ancestral, ddim, dpmpp_2m, dpmpp_3m\."),
     (dict(spacing='log'),
      r"Unknown sampling.spacing 'log'; choose one of uniform, quadratic, linspace, trailing\."),
-    (dict(sampler='ddim', eta=-0.5), r'sampling.eta must be at least 0 .*got -0.5\.'),
+    (dict(sampler='ddim', eta=-0.5), r'sampling.eta must be in \[0, 1\] .*got -0.5\.'),
     (dict(eta=0.5), r"sampling.eta=0.5 is DDIM's; set sampling.sampler='ddim'"),
 ])
 def test_bad_settings_are_one_sentence(settings, message):
