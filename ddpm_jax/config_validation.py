@@ -14,8 +14,13 @@ import math
 import re
 from typing import Any, Callable, NamedTuple, Optional
 
-from ddpm_jax import diffusion, evaluation, sampling, unet
+from ddpm_jax import diffusion, sampling, unet
 from ddpm_jax.errors import UserError
+
+# The metrics `eval.best_metric` can name, and whether higher is better (evaluation.update_best).
+BEST_METRICS = {'fid_train': False, 'fid_test': False, 'kid': False, 'is': True,
+                'bpd_test': False, 'bpd_train': False, 'confidence': True}
+
 
 class Rule(NamedTuple):
   allows: Callable[[Any], bool]
@@ -147,7 +152,7 @@ FIELDS = {
                                    "a path or URL, or '' for the cached weights"),
     # At least the Inception feature width: fewer images give a singular covariance.
     'eval.fid_reference_images': integer(2048),
-    'eval.best_metric': one_of('auto', *evaluation.BEST_METRICS),
+    'eval.best_metric': one_of('auto', *BEST_METRICS),
 }
 
 

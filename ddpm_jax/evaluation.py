@@ -44,6 +44,7 @@ from etils import epath
 
 from ddpm_jax import datasets, fid, images, inference as inference_lib, input_pipeline, parallel
 from ddpm_jax import sampling, seeds
+from ddpm_jax.config_validation import BEST_METRICS
 from ddpm_jax.errors import UserError
 
 
@@ -475,9 +476,6 @@ def digits_metrics(config, samples: np.ndarray) -> dict:
 
 # === TensorBoard and the best checkpoint ===
 
-# The metrics `eval.best_metric` can name, and whether higher is better.
-BEST_METRICS = {'fid_train': False, 'fid_test': False, 'kid': False, 'is': True,
-                'bpd_test': False, 'bpd_train': False, 'confidence': True}
 _SAMPLE_METRICS = ('fid_train', 'fid_test', 'is', 'kid', 'sample_seconds', 'confidence',
                    'class_share_spread', 'nn_distance')
 _GRID_SAMPLES = 64

@@ -61,7 +61,6 @@ runpy.run_module('ddpm_jax.benchmark', run_name='__main__', alter_sys=True)
 '''
 
 
-@pytest.mark.xfail(reason='merge of issues 20 and 21 in the last minutes of the stop: the benchmark now imports a module outside jax/flax/optax; to fix next', strict=False)
 @pytest.mark.slow
 def test_memory_report_compiles_only_and_needs_only_jax_flax_optax():
   tiny = ['--config.model.ch=32', '--config.model.ch_mult=(1,2)', '--config.model.num_res_blocks=1',
