@@ -49,8 +49,10 @@ def signal_after_first_checkpoint(command: list[str], signum: int) -> tuple[int,
 
 
 def checkpoint_steps(workdir) -> list[int]:
-  """The steps saved in WORKDIR/checkpoints, oldest first."""
-  return sorted(int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').iterdir())
+  """The steps saved in WORKDIR/checkpoints, oldest first (not the unfinished saves that Orbax
+  names `<step>.orbax-checkpoint-tmp*`, which the next run cleans up)."""
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').iterdir()
+                if '.orbax-checkpoint-tmp' not in p.name)
 
 
 def pytest_configure(config):
