@@ -24,14 +24,15 @@ import json
 import os
 import resource
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from ddpm_jax import cli, memory, parallel, sampling, seeds, train_step as train_step_lib
-from ddpm_jax import xla_flags
+from ddpm_jax import cli, memory, parallel, profiling, sampling, seeds
+from ddpm_jax import train_step as train_step_lib, xla_flags
 
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed calls of each step; the median is reported.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls after compilation.')
@@ -42,6 +43,10 @@ _MEMORY = flags.DEFINE_bool('memory', False, 'Compile only: per-device peak memo
                             'variants, and the accelerators that hold them.')
 _DEVICES = flags.DEFINE_integer('devices', 8, 'With --memory: the devices the global batches '
                                 'are split over (the paper\'s TPU v3-8 has 8 cores).')
+_PROFILE = flags.DEFINE_string('profile', None, 'After timing: trace --steps more calls of the '
+                               'train step and of the reverse step into PROFILE/train and '
+                               'PROFILE/sample (TensorBoard, Perfetto) and log where their time '
+                               'goes (ddpm_jax/profiling.py); the JSON gets the rows.')
 _GRAD_ACCUM_STEPS = flags.DEFINE_list('grad_accum_steps', ['1', '2', '4'], 'With --memory: '
                                       'microbatch counts to compile, where they divide the '
                                       'per-device batch.')
@@ -100,12 +105,28 @@ def _sampler_fns(config, mesh, num_scan_steps: int):
   return sampler(1), sampler(min(num_scan_steps, num_kept)), num_kept
 
 
+def _profile(directory: str, label: str, compiled, call, carry, steps: int):
+  """Traces `steps` calls of `carry = call(carry)` into directory/label, with the compiled
+  program's HLO text beside it (program.hlo.txt); (rows, last carry)."""
+  with profiling.trace(os.path.join(directory, label)):
+    for _ in range(steps):
+      carry = jax.block_until_ready(call(carry))
+  hlo_text = compiled.as_text()
+  with open(os.path.join(directory, label, 'program.hlo.txt'), 'w') as f:  # the names it traced
+    f.write(hlo_text)
+  rows = profiling.summarize(os.path.join(directory, label), hlo_text, calls=steps)
+  logging.info('Where the %s step\'s time goes (%s):\n%s', label,
+               os.path.join(directory, label), profiling.format_rows(rows))
+  return rows, carry
+
+
 def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10,
-        matmul_size: int = 4096) -> dict:
+        matmul_size: int = 4096, profile_dir: Optional[str] = None) -> dict:
   """Compiles and times the train step and the reverse step of `config`; returns the numbers.
 
   `matmul_peak_tflops` is the whole mesh's rate on an n x n matmul (n = `matmul_size`) in the
-  compute dtype, and `peak_fraction` the share of it that the train step reaches.
+  compute dtype, and `peak_fraction` the share of it that the train step reaches. With
+  `profile_dir`, both steps are then traced there and the result has their `profile` rows.
   """
   mesh = parallel.make_mesh()
   batch_size, sample_batch_size = config.training.batch_size, config.sampling.batch_size
@@ -148,6 +169,13 @@ def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10,
   achieved_tflops = flops_per_step / train_seconds / 1e12
   logging.info('Timing a %d x %d matmul.', matmul_size, matmul_size)
   matmul_tflops = _matmul_tflops(matmul_size, config.model.dtype) * mesh.size
+  profile = {}
+  if profile_dir:
+    profile['sample'], _ = _profile(profile_dir, 'sample', one_step,
+                                    lambda _: one_step(ema_params, sample_rng), None, steps)
+    # Last: the train step donates the state that `ema_params` belongs to.
+    profile['train'], _ = _profile(profile_dir, 'train', train_step,
+                                   lambda s: train_step(s, batch)[0], state, steps)
   return dict(
       train_images_per_sec=batch_size / train_seconds,
       train_steps_per_sec=1 / train_seconds,
@@ -174,6 +202,7 @@ def run(config, *, steps: int = 10, warmup: int = 2, scan_steps: int = 10,
       dtype=str(config.model.dtype),
       jax=jax.__version__,
       xla_flags=os.environ.get('XLA_FLAGS', ''),
+      **({'profile': profile} if profile else {}),
   )
 
 
@@ -188,7 +217,8 @@ def main(argv):
                            log=logging.info)
   else:
     result = run(cli.CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
-                 scan_steps=_SCAN_STEPS.value, matmul_size=_MATMUL_SIZE.value)
+                 scan_steps=_SCAN_STEPS.value, matmul_size=_MATMUL_SIZE.value,
+                 profile_dir=_PROFILE.value)
   print(json.dumps(result), flush=True)
 
 

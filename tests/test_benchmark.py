@@ -17,13 +17,14 @@ KEYS = ('train_images_per_sec', 'train_steps_per_sec', 'sample_steps_per_sec',
 
 
 @pytest.mark.slow
-def test_benchmark_prints_json_last():
+def test_benchmark_prints_json_last(tmp_path):
   tiny = ['--config.model.ch=32', '--config.model.ch_mult=(1,2)', '--config.model.num_res_blocks=1',
           '--config.diffusion.num_timesteps=40', '--config.training.batch_size=8',
           '--config.sampling.batch_size=8', '--config.sampling.sampler=ddim',
           '--config.sampling.num_steps=10']
   command = [sys.executable, '-m', 'ddpm_jax.benchmark', '--config=configs/digits.py', *tiny,
-             '--steps=2', '--warmup=1', '--scan_steps=2', '--matmul_size=256']
+             '--steps=2', '--warmup=1', '--scan_steps=2', '--matmul_size=256',
+             f'--profile={tmp_path}']
   out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(KEYS) <= set(result)
@@ -35,6 +36,22 @@ def test_benchmark_prints_json_last():
   assert (result['sampler'], result['sample_num_steps']) == ('ddim', 10)
   assert result['sample_images_per_sec'] == pytest.approx(result['sample_steps_per_sec'] * 8 / 10)
   assert result['sample_seconds_per_sample'] == pytest.approx(1 / result['sample_images_per_sec'])
+
+  # --profile: both steps traced, and their time attributed to pass and kind of work.
+  profile = result['profile']
+  for label in ('train', 'sample'):
+    assert (tmp_path / label / 'program.hlo.txt').exists()
+    assert list((tmp_path / label).glob('plugins/profile/*/perfetto_trace.json.gz'))
+    assert sum(row['share'] for row in profile[label]) == pytest.approx(1.0)
+    assert all(row['ms_per_call'] >= 0 for row in profile[label])
+  train = {(row['pass_'], row['kind']): row['share'] for row in profile['train']}
+  for row in (('forward', 'convolution 3x3'), ('backward', 'convolution 3x3'),
+              ('backward', 'convolution: kernel gradient'), ('forward', 'GroupNorm'),
+              ('backward', 'GroupNorm')):
+    assert train.get(row, 0) > 0, (row, train)
+  sample = {(row['pass_'], row['kind']) for row in profile['sample']}
+  assert ('forward', 'convolution 3x3') in sample
+  assert not any(pass_ == 'backward' for pass_, _ in sample)
 
 
 def test_xla_flags_keep_what_the_user_set():
