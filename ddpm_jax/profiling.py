@@ -106,6 +106,26 @@ def trace(directory: str) -> Iterator[None]:
     yield
 
 
+def _operation_times(events: list[dict], module: str) -> Iterator[tuple[str, float]]:
+  """(hlo_op, milliseconds) of each operation of `module` executed in the trace.
+
+  An operation's event ends when the CPU runtime has started it; one that runs asynchronously on
+  the thread pool (Eigen's convolutions) finishes at its `end: <hlo_op>` event, so its time is
+  from its start to that end.
+  """
+  started = collections.defaultdict(collections.deque)  # hlo_op -> events waiting for their end
+  for event in sorted((e for e in events if e.get('ph') == 'X'), key=lambda e: e['ts']):
+    args = event.get('args') or {}
+    if args.get('hlo_module') == module and 'hlo_op' in args:
+      started[args['hlo_op']].append(event)
+    elif event['name'].startswith('end: ') and started.get(event['name'][5:]):
+      start = started[event['name'][5:]].popleft()
+      yield start['args']['hlo_op'], (event['ts'] + event['dur'] - start['ts']) / 1e3
+  for waiting in started.values():  # no end event: the operation's own duration
+    for event in waiting:
+      yield event['args']['hlo_op'], event['dur'] / 1e3
+
+
 def summarize(directory: str, hlo_text: str, *, calls: int) -> list[dict]:
   """The time per call of one program (its compiled `as_text()`) in the trace under `directory`,
   which ran it `calls` times: rows of pass, kind, milliseconds per call and share, largest
@@ -116,17 +136,14 @@ def summarize(directory: str, hlo_text: str, *, calls: int) -> list[dict]:
   module = re.search(r'^HloModule ([\w.\-]+)', hlo_text, re.M).group(1)
   table = _instructions(hlo_text)
   totals = collections.Counter()
-  for event in events:
-    args = event.get('args') or {}
-    if event.get('ph') != 'X' or args.get('hlo_module') != module:
-      continue
-    instruction = table.get(args['hlo_op'])
-    kind = _kind(instruction, args['hlo_op'])
+  for hlo_op, milliseconds in _operation_times(events, module):
+    instruction = table.get(hlo_op)
+    kind = _kind(instruction, hlo_op)
     if kind == _KERNEL_GRADIENT:  # XLA names these convolutions nothing; they are backward
       row = ('backward', kind)
     else:
       row = (_pass(instruction.op_name) if instruction else 'runtime', kind)
-    totals[row] += event['dur'] / 1e3  # microseconds -> ms
+    totals[row] += milliseconds
   total = sum(totals.values()) or 1.0
   return [dict(pass_=p, kind=k, ms_per_call=ms / calls, share=ms / total)
           for (p, k), ms in totals.most_common()]

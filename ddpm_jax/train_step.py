@@ -87,11 +87,10 @@ def train_step(state: TrainState, batch: dict, *, model, diffusion, config, mesh
 
 
 def example_losses(params, examples: dict, *, model, diffusion) -> jax.Array:
-  """L_simple [m] of m examples (x_start, t, noise, dropout_key: each [m, ...])."""
-  def apply_one(x, t, dropout_key):  # one example: its dropout mask depends on it alone
-    return model.apply({'params': params}, x[None], t[None], train=True,
-                       rngs={'dropout': dropout_key})[0]
-  model_fn = lambda x, t: jax.vmap(apply_one)(x, t, examples['dropout_key'])
+  """L_simple [m] of m examples (x_start, t, noise, dropout_key: each [m, ...]); an example's
+  dropout masks come from its own key, whatever else is in the microbatch."""
+  model_fn = lambda x, t: model.apply({'params': params}, x, t, train=True,
+                                      dropout_keys=examples['dropout_key'])
   return diffusion.training_losses(model_fn, examples['x_start'], examples['t'],
                                    examples['noise'])
 
@@ -103,24 +102,31 @@ def _summed_loss_and_grads(example_losses, params, examples: dict, num_microbatc
   Each device takes its shard of `examples` ([B / devices] rows), splits it into
   `num_microbatches` consecutive microbatches and adds up their losses and gradients in a
   `lax.scan`, so only one microbatch's activations are alive at a time; one all-reduce (psum)
-  over `data` then sums the devices' totals.
+  over `data` then sums the devices' totals. On one device there is nothing to sum (an
+  all-reduce over one device still copies every gradient: 7% of a CPU train step).
   """
-  def device_sums(params, examples):
-    local = lambda tree: jax.lax.pcast(tree, parallel.DATA_AXIS, to='varying')
-    params_local = local(params)  # so the gradients stay this device's until the psum
+  def local_sums(params, examples, to_local):
+    """This device's (loss, gradient) sums; `to_local` marks a value as this device's own."""
+    params_local = to_local(params)  # so the gradients stay this device's until the psum
     summed_loss = lambda params, microbatch: jnp.sum(example_losses(params, microbatch))
     loss_and_grads = lambda microbatch: jax.value_and_grad(summed_loss)(params_local, microbatch)
     if num_microbatches == 1:  # XLA:CPU runs a loop body several times slower: no scan
-      return jax.lax.psum(loss_and_grads(examples), parallel.DATA_AXIS)
+      return loss_and_grads(examples)
     microbatches = jax.tree.map(
         lambda x: x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]),
         examples)
     add_microbatch = lambda sums, microbatch: (
         jax.tree.map(jnp.add, sums, loss_and_grads(microbatch)), None)
-    zeros = local(jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), params)))
+    zeros = to_local(jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), params)))
     sums, _ = jax.lax.scan(add_microbatch, zeros, microbatches)
-    return jax.lax.psum(sums, parallel.DATA_AXIS)
+    return sums
 
+  if mesh.size == 1:
+    return local_sums(params, examples, lambda tree: tree)
+  device_sums = lambda params, examples: jax.lax.psum(
+      local_sums(params, examples,
+                 lambda tree: jax.lax.pcast(tree, parallel.DATA_AXIS, to='varying')),
+      parallel.DATA_AXIS)
   return jax.shard_map(device_sums, mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS)),
                        out_specs=P())(params, examples)
 
