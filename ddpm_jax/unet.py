@@ -101,12 +101,17 @@ def dropout(x: jax.Array, rate: float, keys: jax.Array, layer: str) -> jax.Array
   `keys`: one PRNG key per example ([B, 2] uint32). The mask of an example is the same whatever
   else is in the batch, so a batch's update is the same on any number of devices and in any
   number of microbatches; only the random bits are drawn per example (a vmap), the network runs
-  on the whole batch (vmapping the network costs XLA:CPU a fifth of a train step).
+  on the whole batch (vmapping the network costs XLA:CPU a fifth of a train step). Each
+  activation is dropped when 16 random bits fall below round(rate * 2**16), half the threefry
+  work of a float draw: the rate is kept to 1/65536 (0.1 drops 0.1000061 of the activations)
+  and the kept ones are scaled by the exact inverse of their share.
   """
-  keep = 1.0 - rate
+  threshold = min(round(rate * 2**16), 2**16 - 1)  # a rate in [0, 1)
+  keep = 1.0 - threshold / 2**16
   layer_id = zlib.crc32(layer.encode())  # distinct masks in every layer
-  draw = lambda key: jax.random.bernoulli(jax.random.fold_in(key, layer_id), keep, x.shape[1:])
-  return jnp.where(jax.vmap(draw)(keys), x / keep, jnp.zeros_like(x))
+  draw = lambda key: jax.random.bits(jax.random.fold_in(key, layer_id), x.shape[1:], jnp.uint16)
+  kept = jax.vmap(draw)(keys) >= jnp.uint16(threshold)
+  return jnp.where(kept, x / keep, jnp.zeros_like(x))
 
 
 class ResnetBlock(_Layers):

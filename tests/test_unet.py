@@ -122,10 +122,11 @@ def test_dropout_of_an_example_depends_on_its_key_alone():
   np.testing.assert_allclose(apply(x[1:2], t[1:2], keys[1:2]), batch[1:2], rtol=1e-5, atol=1e-6)
   other_key = apply(x[1:2], t[1:2], keys[:1])  # another key: another mask
   assert float(jnp.abs(other_key - batch[1:2]).max()) > 1e-4
-  # The mask keeps each activation with probability 1 - rate, scaled by 1 / (1 - rate).
+  # The mask keeps each activation with probability 1 - rate, scaled by the inverse.
   h = jnp.ones((4, 16, 16, 64))
   dropped = unet.dropout(h, 0.1, jax.random.split(jax.random.PRNGKey(0), 4), 'block')
-  np.testing.assert_allclose(np.unique(np.asarray(dropped)), [0.0, 1 / 0.9], rtol=1e-6)
+  keep = 1 - 6554 / 65536  # the rate to 1/65536
+  np.testing.assert_allclose(np.unique(np.asarray(dropped)), [0.0, 1 / keep], rtol=1e-6)
   assert abs(float(jnp.mean(dropped == 0)) - 0.1) < 0.005  # 65,536 draws: 4 sigma is 0.0047
   other_layer = unet.dropout(h, 0.1, jax.random.split(jax.random.PRNGKey(0), 4), 'other')
   assert float(jnp.mean((dropped == 0) == (other_layer == 0))) < 0.9  # layers differ
