@@ -86,12 +86,11 @@ def _kind(instruction: _Instruction | None, hlo_op: str) -> str:
     return f'convolution {small[0]}' if small else _KERNEL_GRADIENT
   if 'dot' in ops:
     return 'matmul (attention, 1x1 shortcuts, time embedding)'
-  if 'threefry' in name or 'random_bits' in name or 'rng-bit-generator' in ops:
+  if ({'xor', 'shift-right-logical'} <= ops  # threefry's rounds, fused with what uses the bits
+      or 'threefry' in name or 'rng-bit-generator' in ops):
     return 'random bits'
   if re.search(r'/norm(?:\d|_out)?/', name):
     return 'GroupNorm'
-  if '/Dropout_' in name:
-    return 'dropout'
   if 'jit(silu)' in name or 'logistic' in ops:
     return 'SiLU'
   if 'all-reduce' in ops:

@@ -102,8 +102,8 @@ def _summed_loss_and_grads(example_losses, params, examples: dict, num_microbatc
   Each device takes its shard of `examples` ([B / devices] rows), splits it into
   `num_microbatches` consecutive microbatches and adds up their losses and gradients in a
   `lax.scan`, so only one microbatch's activations are alive at a time; one all-reduce (psum)
-  over `data` then sums the devices' totals. On one device there is nothing to sum (an
-  all-reduce over one device still copies every gradient: 7% of a CPU train step).
+  over `data` then sums the devices' totals. On one device there is nothing to sum (XLA's
+  all-reduce over one device would still copy every gradient).
   """
   def local_sums(params, examples, to_local):
     """This device's (loss, gradient) sums; `to_local` marks a value as this device's own."""
