@@ -7,8 +7,9 @@ text, whose metadata names the JAX primitive and the Flax module path that made 
 time is added up by pass (the network's forward pass; its backward pass, which JAX names
 `transpose(jvp(...))`; everything outside the network: the loss, the random draws, clipping,
 Adam and the EMA) and by kind of work (3x3 convolutions, the convolutions that compute kernel
-gradients, matmuls, GroupNorm, random bits, ...). Operations that XLA runs side by side on the
-CPU's threads are each counted in full, so the shares are of the summed operation time.
+gradients, matmuls, GroupNorm, random bits, ...). An asynchronous operation (Eigen's
+convolutions on the CPU) counts from its start to its end; operations that XLA runs side by side
+on the CPU's threads each count in full, so the shares are of the summed operation time.
 
 Imports only the standard library and jax, like the benchmark that uses it.
 """
@@ -34,7 +35,7 @@ _KERNEL_GRADIENT = 'convolution: kernel gradient'  # its window is the image, no
 @dataclasses.dataclass(frozen=True)
 class _Instruction:
   opcode: str
-  op_name: str  # JAX's name stack: 'jit(train_step)/transpose(jvp(vmap(UNet)))/down_0_block_0/...'
+  op_name: str  # JAX's name stack: 'jit(train_step)/transpose(jvp(UNet))/down_0_block_0/...'
   windows: tuple[str, ...]  # the window sizes of the convolutions it is or calls ('3x3', ...)
   opcodes: frozenset  # its opcode and those of the computations it calls
 
