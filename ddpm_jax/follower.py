@@ -68,15 +68,17 @@ def stopping_on_signals() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-  """A signal waits for the end of the block (Orbax's reads are not to be interrupted)."""
+  """A signal waits for the end of the block (Orbax's reads are not to be interrupted), and
+  then stops the follower even if the read failed meanwhile (else the failure, taken for a
+  checkpoint deleted or half-written, would swallow the stop)."""
   _DEFERRED[:] = [True]
   try:
     yield
   finally:
     names = _DEFERRED[1:]
     _DEFERRED.clear()
-  if names:
-    raise Stopped(names[0])
+    if names:
+      raise Stopped(names[0])  # pylint: disable=lost-exception
 
 
 @contextlib.contextmanager

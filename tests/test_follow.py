@@ -168,6 +168,21 @@ def test_sigterm_stops_the_follower_and_a_rerun_continues(trained_digits, workdi
   assert 'Evaluating' not in caplog.text and 'done.' in caplog.text
 
 
+@pytest.mark.parametrize('read_fails', [False, True])
+def test_a_signal_while_a_checkpoint_is_read_stops_after_the_read(read_fails):
+  """Orbax's read is not interrupted; the signal stops the follower when it ends, also when the
+  read failed (the follower took that failure for a deleted checkpoint and went on)."""
+  with follower.stopping_on_signals():
+    with pytest.raises(follower.Stopped, match='SIGTERM'):
+      with follower._signals_deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # the handler runs at the next bytecode; nothing may stop here
+          pass
+        if read_fails:
+          raise OSError('the checkpoint disappeared while it was read')
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 @pytest.mark.slow
 def test_a_trainer_and_a_follower_side_by_side(tmp_path):
   """Two processes on digits: a trainer saving steps 10, 20, 30 (keeping the latest one) and
