@@ -2,6 +2,7 @@
 
   python -m ddpm_jax.benchmark --config=configs/cifar10.py \
       [--config.training.batch_size=8 --config.sampling.batch_size=8] [--steps=10 --warmup=2]
+      [--profile=/tmp/profile]
   python -m ddpm_jax.benchmark --config=configs/lsun_church256.py --memory [--devices=8]
 
 With --memory nothing runs: the train step and the sampler are compiled for the config's global
@@ -16,7 +17,8 @@ as in training) and one reverse step of the configured sampler (`sampling.sample
 both jitted over the mesh of all devices: `sampling.jit_sampler` of a one-step chain, and of a
 `--scan_steps` chain (the loop of `sample_loop`) to confirm the per-step cost;
 `sample_seconds_per_sample` is the step time times the kept steps over the batch. Times are
-medians. The last line of stdout is one JSON object (docs/performance.md compares it with a
+medians. With --profile both steps are then traced and their time attributed by pass and kind
+of work (`ddpm_jax/profiling.py`). The last line of stdout is one JSON object (docs/performance.md compares it with a
 PyTorch implementation of the same network), in both modes; progress goes to the log.
 """
 import functools
