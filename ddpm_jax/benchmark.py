@@ -18,8 +18,9 @@ both jitted over the mesh of all devices: `sampling.jit_sampler` of a one-step c
 `--scan_steps` chain (the loop of `sample_loop`) to confirm the per-step cost;
 `sample_seconds_per_sample` is the step time times the kept steps over the batch. Times are
 medians. With --profile both steps are then traced and their time attributed by pass and kind
-of work (`ddpm_jax/profiling.py`). The last line of stdout is one JSON object (docs/performance.md compares it with a
-PyTorch implementation of the same network), in both modes; progress goes to the log.
+of work (`ddpm_jax/profiling.py`). The last line of stdout is one JSON object
+(docs/performance.md compares it with a PyTorch implementation of the same network), in both
+modes; progress goes to the log.
 """
 import functools
 import json
