@@ -185,14 +185,14 @@ def _is_abandoned_read(unraisable) -> bool:
   """An 'Event loop is closed' report of TensorStore, or a never-awaited coroutine of Orbax's."""
   code = getattr(unraisable.object, 'cr_code', None)
   return ((code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename)
-          or (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
-              and str(unraisable.exc_value) == 'Event loop is closed'))
+          or errors.is_closed_loop_report(unraisable))
 
 
 @contextlib.contextmanager
-def _quiet_abandoned_reads() -> Iterator[None]:
+def quiet_abandoned_reads() -> Iterator[None]:
   """While checkpoints are read (a damaged one and the fallback after it), Python prints no
   traceback for the reads Orbax abandoned; the previous `sys.unraisablehook` is back on exit.
+  The follower holds it while it follows (a checkpoint deleted while it is read).
 
   orbax-checkpoint 0.12.8 (the pinned range, <0.13): when one array of a checkpoint fails to read,
   `manager.restore` raises at once and closes its asyncio loop without cancelling the other
@@ -219,7 +219,7 @@ def _restore_newest_readable(manager, args_fn, check) -> tuple[int, PyTree, list
   likely the storage or the code than the files, and this raises a UserError naming the error.
   """
   unreadable = []  # (step, its error in one line): no traceback keeps Orbax's reads alive
-  with _quiet_abandoned_reads():
+  with quiet_abandoned_reads():
     for step in sorted(manager.all_steps(), reverse=True):
       try:
         return step, _restore_step(manager, step, args_fn, check), unreadable
@@ -308,7 +308,7 @@ def _restore_read_only(workdir, step: Optional[int], args_fn, check,
     if step not in steps:
       raise UserError(f'No checkpoint at step {step} in {checkpoint_dir(workdir)}; the steps there '
                       f'are {", ".join(map(str, steps))}.')
-    with _quiet_abandoned_reads():
+    with quiet_abandoned_reads():
       try:
         return step, _restore_step(manager, step, args_fn, check_all)
       except UserError:

@@ -57,16 +57,9 @@ def _is_orbax_thread_failure(record: python_logging.LogRecord) -> bool:
   return f'{os.sep}orbax{os.sep}' in record.pathname and record.exc_info is not None
 
 
-def _is_abandoned_write(unraisable) -> bool:
-  """TensorStore's report, through a closed asyncio loop, of a write Orbax abandoned after an
-  error (one per array of a failed save): the error itself reaches the main thread."""
-  return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
-          and str(unraisable.exc_value) == 'Event loop is closed')
-
-
 def _quiet_abandoned_writes() -> None:
   previous = sys.unraisablehook
-  sys.unraisablehook = lambda u: None if _is_abandoned_write(u) else previous(u)
+  sys.unraisablehook = lambda u: None if errors.is_closed_loop_report(u) else previous(u)
 
 
 def start(config) -> None:

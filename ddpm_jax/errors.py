@@ -51,6 +51,14 @@ def raise_if_interrupted() -> None:
     raise Interrupted(_INTERRUPTED[0])
 
 
+def is_closed_loop_report(unraisable) -> bool:
+  """TensorStore's report, through a `sys.unraisablehook`, of a read or write that Orbax
+  abandoned when it closed its asyncio loop after an error ('Event loop is closed'; one per
+  array): the error itself reaches the main thread."""
+  return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == 'Event loop is closed')
+
+
 def flag_value(value) -> str:
   """A value as --config.<field>=VALUE takes it: eps, 0.0002, True, (1,2), '' for empty."""
   if isinstance(value, (list, tuple)):

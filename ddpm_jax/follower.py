@@ -13,7 +13,6 @@ chunks continue where they were.
 """
 import contextlib
 import signal
-import sys
 import threading
 import time
 from typing import Iterator
@@ -79,30 +78,6 @@ def _signals_deferred() -> Iterator[None]:
     _DEFERRED.clear()
     if names:
       raise Stopped(names[0])  # pylint: disable=lost-exception
-
-
-@contextlib.contextmanager
-def _quiet_abandoned_reads() -> Iterator[None]:
-  """While following, Python prints nothing for the reads Orbax abandoned.
-
-  orbax-checkpoint 0.12.8 (see `checkpointing._quiet_abandoned_reads`): when a checkpoint is
-  deleted while it is read (the trainer's keep policy), `restore` raises and closes its asyncio
-  loop; TensorStore finishes the other reads later, seconds after checkpointing's own filter is
-  gone, and each reports 'Event loop is closed' through sys.unraisablehook: dozens of tracebacks
-  after the follower's one warning. Those reports, and only those, are dropped.
-  """
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    if not (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == 'Event loop is closed'):
-      previous(unraisable)
-
-  sys.unraisablehook = hook
-  try:
-    yield
-  finally:
-    sys.unraisablehook = previous
 
 
 def check_flags(config, *, mode: str, poll_s: int, timeout_s: int) -> None:
@@ -199,7 +174,7 @@ def follow(config, workdir, *, poll_s: int = DEFAULT_POLL_S,
                final, sampling.settings(config), poll_s, timeout_s)
   seen, waiting_since = set(), time.monotonic()
   try:
-    with stopping_on_signals(), _quiet_abandoned_reads():
+    with stopping_on_signals(), checkpointing.quiet_abandoned_reads():
       while True:
         steps = checkpoint_steps(workdir)
         if set(steps) - seen:
