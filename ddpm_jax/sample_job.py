@@ -69,7 +69,7 @@ def sample_from_workdir(config, workdir, *, mesh: Optional[Mesh] = None,
                                seed=config.seed + seeds.SAMPLES_OFFSET, name_flag='sampling.name')
   out = {'samples_npz': str(npz)}
   if jax.process_index() == 0:
-    grid = images.image_grid(inference_lib.read_samples(npz)[:100], ncol=10)
+    grid = images.image_grid(next(inference_lib.iter_samples(npz, 100)), ncol=10)
     out['grid_png'] = images.save_png(npz.parent / f'{name}.png', grid,
                                       upscale=_upscale(config.data.image_size))
   rng = seeds.key(config.seed, seeds.FIGURES)
