@@ -600,17 +600,18 @@ def _samples_to_draw(config, inference: inference_lib.Inference):
   return None
 
 
-def _keep_other_results(config, inference, workdir, metrics_json: epath.Path) -> None:
+def _keep_other_results(config, inference, workdir, metrics_json: epath.Path,
+                        to_draw: Optional[dict]) -> None:
   """Before anything is computed, a UserError if a complete result this evaluation would write
   holds other settings (`inference.py`'s rule): its metrics JSON, the rate-distortion JSON, the
-  samples it draws."""
+  samples it draws (`to_draw`: `_samples_to_draw`'s)."""
   inference_lib.keep_other_results(metrics_json, inference.eval_settings())
   if config.eval.bpd_num_images > 0:
     inference_lib.keep_other_results(
         metrics_json.parent / f'rate_distortion_{inference.step}.json',
         inference.bits_per_dim_settings())
-  if _samples_to_draw(config, inference):
-    inference_lib.keep_other_samples(inference, workdir, **_samples_to_draw(config, inference))
+  if to_draw:
+    inference_lib.keep_other_samples(inference, workdir, **to_draw)
 
 
 def evaluate(config, workdir, *, mesh=None, inference=None, step: Optional[int] = None,
@@ -633,7 +634,8 @@ def evaluate(config, workdir, *, mesh=None, inference=None, step: Optional[int] 
   tag = sampling.settings_tag(config)
   eval_dir = inference_lib.writable_dir(epath.Path(workdir) / 'eval')
   metrics_json = metrics_path(config, workdir, step)
-  _keep_other_results(config, inference, workdir, metrics_json)
+  to_draw = _samples_to_draw(config, inference)
+  _keep_other_results(config, inference, workdir, metrics_json, to_draw)
   logging.info('Evaluating the EMA weights of step %d on %d devices (%s).', step,
                inference.mesh.size, sampling.settings(config))
   metrics = {**_settings(config, step), 'bpd_num_images_asked': e.bpd_num_images}
@@ -661,7 +663,6 @@ def evaluate(config, workdir, *, mesh=None, inference=None, step: Optional[int] 
     logging.info('bits/dim: %s.', ', '.join(f'{split} {metrics[f"bpd_{split}"]:.4f}'
                                             for split in splits))
   grid = None
-  to_draw = _samples_to_draw(config, inference)
   metrics['num_samples_asked'] = to_draw['num_samples'] if to_draw else 0
   if to_draw:
     sample_start = time.time()
