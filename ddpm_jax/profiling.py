@@ -99,6 +99,16 @@ def _kind(instruction: _Instruction | None, hlo_op: str) -> str:
   return 'other elementwise, copies'
 
 
+def _row(instruction: _Instruction | None, hlo_op: str) -> tuple[str, str]:
+  """(pass, kind) of an executed operation."""
+  kind = _kind(instruction, hlo_op)
+  if instruction is None:
+    return 'runtime', kind
+  if kind == _KERNEL_GRADIENT:  # XLA names these convolutions nothing; they are backward
+    return 'backward', kind
+  return _pass(instruction.op_name), kind
+
+
 @contextlib.contextmanager
 def trace(directory: str) -> Iterator[None]:
   """Records a jax.profiler trace (with its Perfetto JSON) into `directory`."""
@@ -137,13 +147,7 @@ def summarize(directory: str, hlo_text: str, *, calls: int) -> list[dict]:
   table = _instructions(hlo_text)
   totals = collections.Counter()
   for hlo_op, milliseconds in _operation_times(events, module):
-    instruction = table.get(hlo_op)
-    kind = _kind(instruction, hlo_op)
-    if kind == _KERNEL_GRADIENT:  # XLA names these convolutions nothing; they are backward
-      row = ('backward', kind)
-    else:
-      row = (_pass(instruction.op_name) if instruction else 'runtime', kind)
-    totals[row] += milliseconds
+    totals[_row(table.get(hlo_op), hlo_op)] += milliseconds
   total = sum(totals.values()) or 1.0
   return [dict(pass_=p, kind=k, ms_per_call=ms / calls, share=ms / total)
           for (p, k), ms in totals.most_common()]
