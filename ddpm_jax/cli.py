@@ -57,15 +57,18 @@ def _is_orbax_thread_failure(record: python_logging.LogRecord) -> bool:
   return f'{os.sep}orbax{os.sep}' in record.pathname and record.exc_info is not None
 
 
-def _quiet_abandoned_writes() -> None:
+def _quiet_unraisable_reports() -> None:
+  """No traceback for Orbax's abandoned writes, nor for a signal's exception swallowed by a
+  callback (it is raised again at the next safe point)."""
   previous = sys.unraisablehook
-  sys.unraisablehook = lambda u: None if errors.is_closed_loop_report(u) else previous(u)
+  sys.unraisablehook = lambda u: None if (errors.is_closed_loop_report(u)
+                                          or errors.is_noted_interrupt(u)) else previous(u)
 
 
 def start(config) -> None:
   """What every command does first: the quiet console, then the whole config validated."""
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
-  _quiet_abandoned_writes()
+  _quiet_unraisable_reports()
   config_validation.validate(config)
 
 
@@ -113,8 +116,9 @@ def _config_error(error: Exception, filename: str) -> str:
 def _stop_on_sigterm(signum, frame) -> None:
   """SIGTERM outside training (which saves first, `train.watch_for_preemption`): stop now."""
   del signum, frame
-  errors.interrupt('Stopped by SIGTERM; what was finished is kept (checkpoints, sample chunks, '
-                   'bits/dim progress): rerun the same command to continue.')
+  errors.interrupt(errors.Interrupted(
+      'Stopped by SIGTERM; what was finished is kept (checkpoints, sample chunks, bits/dim '
+      'progress): rerun the same command to continue.'))
 
 
 def exit_status(error: BaseException) -> tuple[int, str]:

@@ -7,7 +7,7 @@ Anything else is a crash, status 70 (`cli.with_user_errors`).
 import os
 import re
 import shutil
-from typing import Iterator, Optional
+from typing import Iterator, NoReturn, Optional
 
 
 class UserError(ValueError):
@@ -28,27 +28,38 @@ class Interrupted(BaseException):
   """A signal (SIGTERM, Ctrl-C) stopped the job; the message says what is kept. Status 75.
 
   A BaseException, as KeyboardInterrupt is, so that no `except Exception` (say, one that takes a
-  failed read for a damaged checkpoint) mistakes it for an error. The commands' SIGTERM handler
-  raises it through `interrupt`, which also notes it: where the raise is lost (a handler can run
-  inside a callback or a destructor, which swallow exceptions), `raise_if_interrupted` raises it
-  again at the next safe point (each sample chunk).
+  failed read for a damaged checkpoint) mistakes it for an error. Signal handlers raise it (and
+  the follower's `Stopped`) through `interrupt`, which notes it: where the raise is lost (a
+  handler can run inside a callback or a destructor, such as JAX's gc callback, which report
+  exceptions to `sys.unraisablehook` and go on), `raise_if_interrupted` raises it again at the
+  next safe point (each sample chunk, before a checkpoint is written).
   """
 
 
-_INTERRUPTED: list[str] = []  # the message of a signal not yet acted on
+_PENDING: list[BaseException] = []  # a signal's exception, raised but maybe swallowed
 
 
-def interrupt(message: str) -> None:
-  """From a command's signal handler: notes the signal, then raises Interrupted(message) (the
-  process then exits, so the note is never stale)."""
-  _INTERRUPTED[:] = [message]
-  raise Interrupted(message)
+def interrupt(error: BaseException) -> NoReturn:
+  """From a signal handler: notes `error`, then raises it."""
+  _PENDING[:] = [error]
+  raise error
 
 
 def raise_if_interrupted() -> None:
-  """Raises Interrupted again if a signal's raise was swallowed."""
-  if _INTERRUPTED:
-    raise Interrupted(_INTERRUPTED[0])
+  """Raises the noted exception of a signal again (its first raise may have been swallowed)."""
+  if _PENDING:
+    raise _PENDING[0]
+
+
+def clear_interrupt() -> None:
+  """Forgets the noted signal, once its exception has been handled (the job goes on)."""
+  _PENDING.clear()
+
+
+def is_noted_interrupt(unraisable) -> bool:
+  """A signal's exception swallowed where it was raised, as `sys.unraisablehook` receives it:
+  no traceback is due, `raise_if_interrupted` raises it again."""
+  return bool(_PENDING) and unraisable.exc_value is _PENDING[0]
 
 
 def is_closed_loop_report(unraisable) -> bool:

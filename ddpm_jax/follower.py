@@ -22,7 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from ddpm_jax import checkpointing, evaluation, inference as inference_lib, parallel, sampling
+from ddpm_jax import (checkpointing, errors, evaluation, inference as inference_lib, parallel,
+                      sampling)
 from ddpm_jax.errors import UserError
 
 DEFAULT_POLL_S = 60
@@ -55,14 +56,16 @@ def stopping_on_signals() -> Iterator[None]:
     if _DEFERRED:
       _DEFERRED.append(name)
     else:
-      raise Stopped(name)
+      errors.interrupt(Stopped(name))
 
   previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
   try:
     yield
+    errors.raise_if_interrupted()  # a stop that a callback swallowed
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
+    errors.clear_interrupt()  # the caller handles the Stopped raised
 
 
 @contextlib.contextmanager
@@ -176,6 +179,7 @@ def follow(config, workdir, *, poll_s: int = DEFAULT_POLL_S,
   try:
     with stopping_on_signals(), checkpointing.quiet_abandoned_reads():
       while True:
+        errors.raise_if_interrupted()  # a stop swallowed during the last evaluation
         steps = checkpoint_steps(workdir)
         if set(steps) - seen:
           seen.update(steps)

@@ -6,6 +6,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -166,6 +167,23 @@ def test_sigterm_stops_the_follower_and_a_rerun_continues(trained_digits, workdi
   with caplog.at_level(logging.INFO):  # all done: nothing is computed again
     assert follower.follow(config, str(workdir), poll_s=1, timeout_s=60)
   assert 'Evaluating' not in caplog.text and 'done.' in caplog.text
+
+
+def test_a_stop_swallowed_by_a_destructor_stops_the_follower_at_the_next_safe_point(
+    monkeypatch):
+  class SigtermWhenCollected:  # the handler's raise happens inside __del__: Python reports it
+    def __del__(self):         # to sys.unraisablehook and goes on, as inside JAX's gc callback
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(follower.errors, '_PENDING', [])
+  monkeypatch.setattr(sys, 'unraisablehook', lambda unraisable: None)
+  with pytest.raises(follower.Stopped, match='SIGTERM'):
+    with follower.stopping_on_signals():
+      SigtermWhenCollected()
+      for _ in range(100):  # nothing raises here: the stop was swallowed
+        pass
+  assert not follower.errors._PENDING  # handled: a later evaluation is not stopped by it
+  follower.errors.raise_if_interrupted()
 
 
 @pytest.mark.parametrize('read_fails', [False, True])

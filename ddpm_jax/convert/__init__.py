@@ -72,8 +72,9 @@ def _signals_stop_before_writing(workdir, path: str) -> Iterator[dict]:
     if state['writing']:
       state['received'] = state['received'] or name
       return
-    raise errors.Interrupted(f'Stopped by {name} before anything was written: {workdir} holds '
-                             f'no checkpoint; rerun the same command to import {path}.')
+    errors.interrupt(errors.Interrupted(
+        f'Stopped by {name} before anything was written: {workdir} holds no checkpoint; rerun '
+        f'the same command to import {path}.'))
 
   previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
@@ -81,6 +82,7 @@ def _signals_stop_before_writing(workdir, path: str) -> Iterator[dict]:
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
+    errors.clear_interrupt()  # the caller handles the Interrupted raised
 
 
 def read_weights(config, path: str) -> names.Weights:
@@ -126,6 +128,7 @@ def import_checkpoint(config, workdir, path: str) -> int:
     manager = checkpointing.create_manager(workdir, config.training, trained_as=config,
                                            written_by='convert')
     stop['writing'] = True
+    errors.raise_if_interrupted()  # a signal whose raise a callback swallowed: nothing written
     try:
       checkpointing.save(manager, step, flax.serialization.to_state_dict(state))
     except checkpointing.NonFiniteError as error:
