@@ -37,9 +37,11 @@ from absl import app, flags, logging
 from ddpm_jax import cli, memory, parallel, profiling, sampling, seeds
 from ddpm_jax import train_step as train_step_lib, xla_flags
 
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed calls of each step; the median is reported.')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls after compilation.')
-_SCAN_STEPS = flags.DEFINE_integer('scan_steps', 10, 'Reverse steps in the timed scan.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed calls of each step; the median is reported.',
+                              lower_bound=1)
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls after compilation.', lower_bound=0)
+_SCAN_STEPS = flags.DEFINE_integer('scan_steps', 10, 'Reverse steps in the timed scan.',
+                                   lower_bound=1)
 _MATMUL_SIZE = flags.DEFINE_integer('matmul_size', 4096,
                                     'n of the n x n matmul that measures the peak FLOP/s.')
 _MEMORY = flags.DEFINE_bool('memory', False, 'Compile only: per-device peak memory of the '
