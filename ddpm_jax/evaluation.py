@@ -42,7 +42,8 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 
-from ddpm_jax import datasets, fid, images, inference as inference_lib, input_pipeline, parallel
+from ddpm_jax import (datasets, errors, fid, images, inference as inference_lib, input_pipeline,
+                      parallel)
 from ddpm_jax import sampling, seeds
 from ddpm_jax.config_validation import BEST_METRICS
 from ddpm_jax.errors import UserError
@@ -169,6 +170,7 @@ def bits_per_dim(inference: inference_lib.Inference, split: str, num_images: int
   for i, batch in enumerate(batches):
     if i < sums['batches_done']:
       continue
+    errors.raise_if_interrupted()  # a SIGTERM whose raise was lost inside JAX
     batch = parallel.global_batch(inference.mesh, batch)
     out = jax.tree.map(lambda v: parallel.to_host(v).tolist(),
                        fn(inference.params, batch['image'], batch['mask'],
@@ -346,6 +348,7 @@ def _stream_reference(config, split: str, inception_params, *, num_images: int,
   for real in _reference_batches(config, split, num_images=num_images, batch_size=batch_size):
     if not moments and num_kid >= kid_per_process:
       break  # only the KID features were missing: stop once they are in
+    errors.raise_if_interrupted()
     features = fid.inception_features(real, batch_size=batch_size,
                                       params=inception_params)['pool3']
     if accumulated is not None:
