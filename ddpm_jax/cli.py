@@ -121,6 +121,12 @@ def _stop_on_sigterm(signum, frame) -> None:
       'progress): rerun the same command to continue.'))
 
 
+def _stop_on_ctrl_c(signum, frame) -> None:
+  """Ctrl-C outside training: Python's KeyboardInterrupt, noted (`errors.interrupt`)."""
+  del signum, frame
+  errors.interrupt(KeyboardInterrupt())
+
+
 def exit_status(error: BaseException) -> tuple[int, str]:
   """(exit status, the one sentence for stderr) of an exception that ended a command."""
   if isinstance(error, UserError):
@@ -148,6 +154,7 @@ def with_user_errors(main_fn):
   def main_or_exit(argv) -> None:
     if threading.current_thread() is threading.main_thread():
       signal.signal(signal.SIGTERM, _stop_on_sigterm)
+      signal.signal(signal.SIGINT, _stop_on_ctrl_c)
     try:
       main_fn(argv)
     except (Exception, KeyboardInterrupt, errors.Interrupted) as error:  # pylint: disable=W0703

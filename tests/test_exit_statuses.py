@@ -115,6 +115,40 @@ def test_a_full_disk_while_training_exits_75_with_one_sentence(tmp_path):
     subprocess.run(['umount', str(disk)], check=False)
 
 
+@pytest.mark.parametrize('signum, sentence', [
+    (signal.SIGTERM, 'Stopped by SIGTERM; what was finished is kept'),
+    (signal.SIGINT, 'Interrupted by Ctrl-C; what was finished is kept')])
+def test_a_signal_whose_raise_a_callback_swallows_stops_the_command_at_the_next_chunk(
+    monkeypatch, capsys, signum, sentence):
+  class SignalWhenCollected:  # the handler runs inside __del__ (as inside JAX's gc callback):
+    def __del__(self):        # Python reports its exception to sys.unraisablehook and goes on
+      os.kill(os.getpid(), signum)
+
+  reached = []
+
+  def command(argv):
+    del argv
+    SignalWhenCollected()
+    reached.append('after the signal')
+    errors.raise_if_interrupted()  # what each sample chunk and bits/dim batch does
+    reached.append('the next chunk')
+
+  reported = []
+  monkeypatch.setattr(sys, 'unraisablehook', reported.append)
+  monkeypatch.setattr(errors, '_PENDING', [])
+  cli._quiet_unraisable_reports()
+  handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    with pytest.raises(SystemExit) as exited:
+      cli.with_user_errors(command)(['command'])
+  finally:
+    for s, handler in handlers.items():
+      signal.signal(s, handler)
+  assert exited.value.code == 75 and reached == ['after the signal']
+  assert capsys.readouterr().err.startswith(sentence)
+  assert reported == []  # no traceback for the swallowed raise
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_sampling_exits_75_and_keeps_the_finished_chunks(trained_digits, tmp_path,
