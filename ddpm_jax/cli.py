@@ -30,6 +30,7 @@ EXIT_CRASH = 70  # EX_SOFTWARE from sysexits.h: the launch scripts retry up to -
 EXIT_STOPPED = 75  # EX_TEMPFAIL from sysexits.h: try again (the launch scripts always rerun)
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_ORBAX_DIR = f'{os.sep}orbax{os.sep}'
 
 FLAGS = flags.FLAGS
 CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config (configs/<name>.py).',
@@ -41,8 +42,9 @@ class _LibraryInfoFilter(python_logging.Filter):
 
   Orbax's background threads log each failure of an asynchronous save with its traceback (as
   many as three copies) before the main thread gets it again (from `wait_until_finished` or the
-  next save), where `with_user_errors` reports it once: Orbax's records that carry a traceback
-  show only with --verbosity=1.
+  next save), where `with_user_errors` reports it once, and asyncio logs the writes abandoned
+  after it as futures whose exception was never retrieved: these records show only with
+  --verbosity=1.
   """
 
   def filter(self, record: python_logging.LogRecord) -> bool:
@@ -54,7 +56,15 @@ class _LibraryInfoFilter(python_logging.Filter):
 
 
 def _is_orbax_thread_failure(record: python_logging.LogRecord) -> bool:
-  return f'{os.sep}orbax{os.sep}' in record.pathname and record.exc_info is not None
+  """Orbax's record of a failed asynchronous write, or asyncio's 'Future exception was never
+  retrieved' for one of the writes it abandoned (logged when the future is collected)."""
+  if not record.exc_info:
+    return False
+  if _ORBAX_DIR in record.pathname:
+    return True
+  trace = record.exc_info[2]
+  return record.name == 'asyncio' and trace is not None and any(
+      _ORBAX_DIR in frame.filename for frame in traceback.extract_tb(trace))
 
 
 def _quiet_unraisable_reports() -> None:
