@@ -184,7 +184,7 @@ def _restore_step(manager, step: int, args_fn: Callable[[PyTree], ocp.args.Check
 def _is_abandoned_read(unraisable) -> bool:
   """An 'Event loop is closed' report of TensorStore, or a never-awaited coroutine of Orbax's."""
   code = getattr(unraisable.object, 'cr_code', None)
-  return ((code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename)
+  return ((code is not None and errors.in_orbax(code.co_filename))
           or errors.is_closed_loop_report(unraisable))
 
 

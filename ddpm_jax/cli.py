@@ -30,7 +30,6 @@ EXIT_CRASH = 70  # EX_SOFTWARE from sysexits.h: the launch scripts retry up to -
 EXIT_STOPPED = 75  # EX_TEMPFAIL from sysexits.h: try again (the launch scripts always rerun)
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_ORBAX_DIR = f'{os.sep}orbax{os.sep}'
 
 FLAGS = flags.FLAGS
 CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config (configs/<name>.py).',
@@ -60,11 +59,11 @@ def _is_orbax_thread_failure(record: python_logging.LogRecord) -> bool:
   retrieved' for one of the writes it abandoned (logged when the future is collected)."""
   if not record.exc_info:
     return False
-  if _ORBAX_DIR in record.pathname:
+  if errors.in_orbax(record.pathname):
     return True
   trace = record.exc_info[2]
   return record.name == 'asyncio' and trace is not None and any(
-      _ORBAX_DIR in frame.filename for frame in traceback.extract_tb(trace))
+      errors.in_orbax(frame.filename) for frame in traceback.extract_tb(trace))
 
 
 def _quiet_unraisable_reports() -> None:

@@ -62,6 +62,11 @@ def is_noted_interrupt(unraisable) -> bool:
   return bool(_PENDING) and unraisable.exc_value is _PENDING[0]
 
 
+def in_orbax(filename: str) -> bool:
+  """Whether a source file (of a log record, a frame, a coroutine) is Orbax's."""
+  return f'{os.sep}orbax{os.sep}' in filename
+
+
 def is_closed_loop_report(unraisable) -> bool:
   """TensorStore's report, through a `sys.unraisablehook`, of a read or write that Orbax
   abandoned when it closed its asyncio loop after an error ('Event loop is closed'; one per
