@@ -1,6 +1,7 @@
 """Shared test setup: CPU only, 8 host devices, no network."""
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,15 @@ def signal_after_first_checkpoint(command: list[str], signum: int) -> tuple[int,
   process.send_signal(signum)
   seen.append(process.communicate(timeout=300)[1])
   return process.returncode, ''.join(seen)
+
+
+def signal_when_collected(signum: int = signal.SIGTERM) -> None:
+  """Sends `signum` to this process from inside a destructor, as when the handler runs inside
+  JAX's gc callback: Python reports the handler's exception to sys.unraisablehook and goes on."""
+  class SignalWhenCollected:
+    def __del__(self):
+      os.kill(os.getpid(), signum)
+  SignalWhenCollected()
 
 
 def checkpoint_steps(workdir) -> list[int]:

@@ -19,6 +19,7 @@ from configs import cifar10, lsun_church256
 from ddpm_jax import checkpointing, cli, convert, parallel, sample_job, train, unet
 from ddpm_jax.convert import names as weight_names
 from ddpm_jax.errors import UserError
+from tests.conftest import signal_when_collected
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
@@ -355,12 +356,8 @@ def test_sigterm_while_reading_writes_nothing_and_during_the_write_finishes_it(
   assert not (workdir / 'checkpoints').exists() or not os.listdir(workdir / 'checkpoints')
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
-  class SigtermWhenCollected:  # a signal handler run inside a destructor (as inside JAX's gc
-    def __del__(self):         # callback): Python reports the raise and goes on
-      os.kill(os.getpid(), signal.SIGTERM)
-
   def read_then_sigterm_in_a_destructor(*args):
-    SigtermWhenCollected()
+    signal_when_collected()
     return read(*args)
   monkeypatch.setattr(convert, 'read_weights', read_then_sigterm_in_a_destructor)
   reported = []

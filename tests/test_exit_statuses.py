@@ -16,7 +16,7 @@ import pytest
 
 from ddpm_jax import checkpointing, cli, errors
 from ddpm_jax.errors import UserError
-from tests.conftest import ROOT, checkpoint_steps, tiny_train_command
+from tests.conftest import ROOT, checkpoint_steps, signal_when_collected, tiny_train_command
 
 ENV = dict(os.environ, PYTHONPATH=ROOT)
 
@@ -141,15 +141,11 @@ def test_asyncio_reports_of_abandoned_orbax_writes_are_not_printed():
     (signal.SIGINT, 'Interrupted by Ctrl-C; what was finished is kept')])
 def test_a_signal_whose_raise_a_callback_swallows_stops_the_command_at_the_next_chunk(
     monkeypatch, capsys, signum, sentence):
-  class SignalWhenCollected:  # the handler runs inside __del__ (as inside JAX's gc callback):
-    def __del__(self):        # Python reports its exception to sys.unraisablehook and goes on
-      os.kill(os.getpid(), signum)
-
   reached = []
 
   def command(argv):
     del argv
-    SignalWhenCollected()
+    signal_when_collected(signum)
     reached.append('after the signal')
     errors.raise_if_interrupted()  # what each sample chunk and bits/dim batch does
     reached.append('the next chunk')

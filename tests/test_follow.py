@@ -15,7 +15,8 @@ import pytest
 
 from ddpm_jax import config_validation, evaluation, follower, inference as inference_lib, train
 from ddpm_jax.errors import UserError
-from tests.conftest import ROOT, checkpoint_steps, tiny_digits_config, tiny_train_command
+from tests.conftest import (ROOT, checkpoint_steps, signal_when_collected, tiny_digits_config,
+                            tiny_train_command)
 from tests.test_evaluation import _event_values
 
 
@@ -171,15 +172,11 @@ def test_sigterm_stops_the_follower_and_a_rerun_continues(trained_digits, workdi
 
 def test_a_stop_swallowed_by_a_destructor_stops_the_follower_at_the_next_safe_point(
     monkeypatch):
-  class SigtermWhenCollected:  # the handler's raise happens inside __del__: Python reports it
-    def __del__(self):         # to sys.unraisablehook and goes on, as inside JAX's gc callback
-      os.kill(os.getpid(), signal.SIGTERM)
-
   monkeypatch.setattr(follower.errors, '_PENDING', [])
   monkeypatch.setattr(sys, 'unraisablehook', lambda unraisable: None)
   with pytest.raises(follower.Stopped, match='SIGTERM'):
     with follower.stopping_on_signals():
-      SigtermWhenCollected()
+      signal_when_collected()
       for _ in range(100):  # nothing raises here: the stop was swallowed
         pass
   assert not follower.errors._PENDING  # handled: a later evaluation is not stopped by it
